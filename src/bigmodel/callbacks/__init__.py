@@ -1,0 +1,17 @@
+"""Callbacks Lightning does not already ship, and helpers for the ones it does."""
+
+from bigmodel.callbacks.text_sample import TextSample
+
+__all__ = ["TextSample", "batch_size", "num_tokens"]
+
+
+def batch_size(batch) -> int:
+    """Samples in a batch, for Lightning's ThroughputMonitor."""
+    first = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values()))
+    return int(first.shape[0])
+
+
+def num_tokens(batch) -> int:
+    """Input tokens in a batch (B * T), so ThroughputMonitor reports tokens per second."""
+    first = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values()))
+    return int(first.numel())

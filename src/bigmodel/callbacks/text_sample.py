@@ -1,0 +1,46 @@
+"""Print and log a short generated sample after each validation, to see what the model learned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+
+class TextSample(L.Callback):
+    """After validation, sample `max_new_tokens` from `prompt` with the task's `generate_text`.
+
+    The sample is printed, appended to `<run dir>/samples.txt` and sent to loggers with a text API
+    (W&B, TensorBoard). Tasks without `generate_text`, or data without a tokenizer, are skipped.
+    """
+
+    def __init__(
+        self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
+        top_k: int | None = 50, seed: int = 0,
+    ) -> None:
+        self.prompt, self.max_new_tokens = prompt, max_new_tokens
+        self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.last_sample: str | None = None
+
+    @rank_zero_only
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        tokenizer = getattr(trainer.datamodule, "tokenizer", None)
+        if trainer.sanity_checking or tokenizer is None or not hasattr(pl_module, "generate_text"):
+            return
+        text = pl_module.generate_text(
+            self.prompt, tokenizer, max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature, top_k=self.top_k, seed=self.seed,
+        )[0]
+        self.last_sample = text
+        step = trainer.global_step
+        print(f"\n--- sample at step {step} ---\n{text}\n---", flush=True)
+        if trainer.log_dir:
+            with open(Path(trainer.default_root_dir) / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(f"--- step {step} ---\n{text}\n")
+        for logger in trainer.loggers:
+            exp = getattr(logger, "experiment", None)
+            if hasattr(exp, "add_text"):  # TensorBoard
+                exp.add_text("val/sample", text, global_step=step)
+            elif hasattr(logger, "log_text"):  # W&B
+                logger.log_text("val/sample", columns=["step", "text"], data=[[step, text]], step=step)

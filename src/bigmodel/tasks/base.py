@@ -1,0 +1,73 @@
+"""What every task shares: optimizer / scheduler wiring and the plain-data checkpoint record."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn as nn
+
+from bigmodel.optim import param_groups
+
+
+class Task(L.LightningModule):
+    """A LightningModule around a plain `net`.
+
+    Args:
+        net: the torch module that maps inputs to outputs; the task owns loss and metrics.
+        optimizer: a partial optimizer (`_partial_: true` in its config) awaiting parameters.
+        scheduler: Lightning's lr-scheduler dict whose `scheduler` entry is a partial awaiting the
+            optimizer, e.g. {"scheduler": partial(WarmupCosineLR, ...), "interval": "step"}.
+        compile: compile the net (not the LightningModule) with torch.compile.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: functools.partial | None = None,
+        scheduler: dict | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_config = dict(scheduler) if scheduler else None
+        self.compile_net = compile
+        # The resolved run config as plain data, set by the runner; written into checkpoints so
+        # eval.py and generate.py can rebuild the exact net, data pipeline and tokenizer.
+        self.run_config: dict | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.compile_net and not getattr(self.net, "_compiled", False):
+            # Compile the net, not the LightningModule: compiling `self.log` calls breaks Lightning.
+            self.net.compile()
+            self.net._compiled = True
+
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured: choose one with optimizer=<name>")
+        weight_decay = self.optimizer_factory.keywords.get("weight_decay", 0.0)
+        optimizer = self.optimizer_factory(param_groups(self, weight_decay))
+        if not self.scheduler_config or self.scheduler_config.get("scheduler") is None:
+            return optimizer
+        sched = dict(self.scheduler_config)
+        factory = sched["scheduler"]
+        if isinstance(factory, functools.partial) and factory.keywords.get("total_steps", 0) is None:
+            factory = functools.partial(factory, total_steps=self.trainer.estimated_stepping_batches)
+        sched["scheduler"] = factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": sched}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["bigmodel"] = {"config": self.run_config, "task": type(self).__name__}
+
+    @staticmethod
+    def batch_size(batch: Any) -> int:
+        first = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values()))
+        return int(first.shape[0])
+
+    def log_metric(self, name: str, value: torch.Tensor | float, batch: Any, **kwargs) -> None:
+        on_step = self.training
+        self.log(name, value, on_step=on_step, on_epoch=not on_step, batch_size=self.batch_size(batch),
+                 sync_dist=not on_step, **kwargs)

@@ -1,0 +1,86 @@
+"""Next-token prediction for decoder-only nets: (B, T) ids -> (B, T, V) logits."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torchmetrics.text import Perplexity
+
+from bigmodel.tasks.base import Task
+
+
+class LanguageModel(Task):
+    """Cross-entropy language modelling with `*/loss` and `val/ppl`, `test/ppl` (torchmetrics)."""
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: functools.partial | None = None,
+        scheduler: dict | None = None,
+        compile: bool = False,
+    ) -> None:
+        super().__init__(net, optimizer, scheduler, compile)
+        self.val_ppl = Perplexity()
+        self.test_ppl = Perplexity()
+
+    @property
+    def block_size(self) -> int:
+        return self.net.block_size
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.net(idx)
+
+    def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch  # (B, T), (B, T)
+        logits = self.net(x)  # (B, T, V)
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        return loss, logits, y
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Read by Lightning's ThroughputMonitor to report FLOPs/s and model FLOPs utilisation.
+        if hasattr(self.net, "flops_per_token"):
+            x = batch[0]
+            self.flops_per_batch = self.net.flops_per_token(x.shape[1]) * x.numel()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        loss, _, _ = self._loss(batch)
+        self.log_metric("train/loss", loss, batch, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        loss, logits, y = self._loss(batch)
+        self.val_ppl.update(logits.float(), y)
+        self.log_metric("val/loss", loss, batch, prog_bar=True)
+        self.log("val/ppl", self.val_ppl, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        loss, logits, y = self._loss(batch)
+        self.test_ppl.update(logits.float(), y)
+        self.log_metric("test/loss", loss, batch)
+        self.log("test/ppl", self.test_ppl, on_epoch=True)
+
+    @torch.no_grad()
+    def generate_text(
+        self,
+        prompt: str,
+        tokenizer,
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        num_samples: int = 1,
+        seed: int | None = None,
+    ) -> list[str]:
+        """Sample continuations of `prompt` and return them decoded (prompt included)."""
+        was_training = self.training
+        self.eval()
+        ids = tokenizer.encode(prompt) or [0]
+        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
+        g = None
+        if seed is not None:
+            g = torch.Generator(device=self.device).manual_seed(seed)
+        out = self.net.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
+        self.train(was_training)
+        return [tokenizer.decode(row.tolist()) for row in out]

@@ -1,0 +1,79 @@
+"""Shared fixtures: hermetic caches, Hydra composition, and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "configs"
+
+# A tiny, fast language-model run: every CLI test starts from these overrides.
+TINY_LM = [
+    "model.net.n_layer=1",
+    "model.net.n_head=2",
+    "model.net.n_embd=32",
+    "model.net.block_size=32",
+    "data.batch_size=8",
+    "data.max_eval_windows=16",
+    "trainer.max_steps=12",
+    "trainer.val_check_interval=6",
+    "trainer.num_sanity_val_steps=0",
+    "scheduler.scheduler.warmup_steps=2",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+    "callbacks.text_sample.max_new_tokens=20",
+    "extras.print_config=false",
+]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def hermetic_env(tmp_path_factory):
+    """Point every cache that tools write to the home folder at a temporary one."""
+    cache = tmp_path_factory.mktemp("cache")
+    for var in ("TORCHINDUCTOR_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "HF_HOME", "XDG_CACHE_HOME",
+                "MPLCONFIGDIR"):
+        os.environ.setdefault(var, str(cache / var.lower()))
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    yield
+
+
+def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
+    """Compose a config the way the CLI does, with run paths inside tmp_path."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
+        cfg = compose(name, overrides=overrides, return_hydra_config=False)
+    with open_dict(cfg):
+        cfg.paths.root_dir = str(tmp_path)
+        cfg.paths.log_dir = str(tmp_path / "logs")
+        cfg.paths.cache_dir = str(tmp_path / ".cache")
+        cfg.paths.output_dir = str(tmp_path / "run")
+    return cfg
+
+
+def run_cli(script: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """Run `python <script> args...` from the repository, with logs and caches under cwd."""
+    full_env = {**os.environ, "BIGMODEL_ROOT": str(cwd), "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=full_env,
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{script} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-3000:]}"
+            f"\n--- stderr\n{proc.stderr[-5000:]}"
+        )
+    return proc
+
+
+def run_dirs(root: Path, task_name: str = "train") -> list[Path]:
+    return sorted((root / "logs" / task_name / "runs").iterdir())

@@ -1,0 +1,17 @@
+"""Train a model: `python train.py [group=option ...] [key=value ...]` (see `--help`)."""
+
+import hydra
+from omegaconf import DictConfig
+
+from bigmodel.run import train
+from bigmodel.utils import apply_extras
+
+
+@hydra.main(version_base="1.3", config_path="configs", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    apply_extras(cfg)
+    return train(cfg)
+
+
+if __name__ == "__main__":
+    main()
