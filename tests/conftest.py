@@ -46,11 +46,16 @@ def hermetic_env(tmp_path_factory):
     yield
 
 
-def compose_config(name: str, overrides: list[str], tmp_path: Path) -> DictConfig:
-    """Compose a config the way the CLI does, with run paths inside tmp_path."""
+def compose_config(
+    name: str, overrides: list[str], tmp_path: Path, hydra: bool = False
+) -> DictConfig:
+    """Compose a config the way the CLI does, with run paths inside tmp_path.
+
+    hydra=True also composes the `hydra` node (sweeper, launcher, run dirs).
+    """
     GlobalHydra.instance().clear()
     with initialize_config_dir(version_base="1.3", config_dir=str(CONFIGS)):
-        cfg = compose(name, overrides=overrides, return_hydra_config=False)
+        cfg = compose(name, overrides=overrides, return_hydra_config=hydra)
     with open_dict(cfg):
         cfg.paths.root_dir = str(tmp_path)
         cfg.paths.log_dir = str(tmp_path / "logs")
