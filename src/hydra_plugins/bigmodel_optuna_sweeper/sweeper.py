@@ -1,0 +1,37 @@
+"""The Hydra Sweeper plugin; the work is done by bigmodel.sweep.OptunaSweep."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf
+
+from .config import BigmodelOptunaSweeperConf  # noqa: F401  (registers the configs)
+
+
+class BigmodelOptunaSweeper(Sweeper):
+    def __init__(self, **settings: Any) -> None:
+        settings.pop("defaults", None)
+        self.settings = settings
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        from hydra.core.plugins import Plugins
+
+        self.hydra_context, self.config = hydra_context, config
+        self.launcher = Plugins.instance().instantiate_launcher(
+            hydra_context=hydra_context, task_function=task_function, config=config
+        )
+
+    def sweep(self, arguments: list[str]) -> Any:
+        # imported here: Hydra imports every plugin module on start, and Optuna takes a while
+        from bigmodel.sweep import OptunaSweep, SweepSettings
+
+        settings = {
+            k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
+            for k, v in self.settings.items()
+        }
+        sweep = OptunaSweep(SweepSettings(**settings), self.config, self.launcher)
+        return sweep.run(list(arguments))
