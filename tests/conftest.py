@@ -30,6 +30,7 @@ TINY_LM = [
     "callbacks.rich_progress_bar=null",
     "callbacks.rich_model_summary=null",
     "callbacks.text_sample.max_new_tokens=20",
+    "callbacks.throughput.window_size=4",
     "extras.print_config=false",
 ]
 

@@ -1,0 +1,142 @@
+"""train.py, eval.py and generate.py as a user runs them: subprocesses on real files."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, TINY_LM, run_cli, run_dirs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny training run shared by the tests that read its outputs."""
+    root = tmp_path_factory.mktemp("trained")
+    proc = run_cli("train.py", *TINY_LM, cwd=root)
+    (run,) = run_dirs(root)
+    return root, run, proc
+
+
+def test_run_directory_holds_everything(trained):
+    root, run, proc = trained
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", run.name)
+    for rel in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "tokenizer.json",
+                "metrics.json", "csv/metrics.csv", "checkpoints/last.ckpt", "samples.txt"):
+        assert (run / rel).is_file(), rel
+    best = list((run / "checkpoints").glob("best_step*.ckpt"))
+    assert len(best) == 1
+    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    keys = set().union(*rows)
+    assert {"train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl"} <= keys
+    assert any(k.startswith("train/") and "per_sec" in k for k in keys)  # throughput
+    assert "--- sample at step" in proc.stdout
+
+
+def test_checkpoints_are_plain_data(trained):
+    _, run, _ = trained
+    for ckpt in (run / "checkpoints").glob("*.ckpt"):
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        assert state["bigmodel"]["config"]["model"]["net"]["n_embd"] == 32
+        assert state["TextDataModule"]["tokenizer"]["type"] == "char"
+        assert "optimizer_states" in state and "lr_schedulers" in state
+
+
+def test_eval_reproduces_test_metrics(trained):
+    root, run, _ = trained
+    best = next((run / "checkpoints").glob("best_step*.ckpt"))
+    proc = run_cli("eval.py", f"ckpt_path={best}", cwd=root)
+    got = dict(re.findall(r"^(test/\w+): ([\d.]+)$", proc.stdout, re.M))
+    import json
+
+    want = json.loads((run / "metrics.json").read_text())
+    assert float(got["test/loss"]) == pytest.approx(want["test/loss"], rel=1e-4)
+    assert float(got["test/ppl"]) == pytest.approx(want["test/ppl"], rel=1e-4)
+    (eval_run,) = run_dirs(root, "eval")
+    assert (eval_run / "metrics.json").is_file()
+    # another split of the same data
+    proc = run_cli("eval.py", f"ckpt_path={best}", "data.split=val", cwd=root)
+    assert "test/ppl" in proc.stdout
+
+
+def test_generate_prints_a_reproducible_sample(trained):
+    root, run, _ = trained
+    args = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "prompt=The", "max_new_tokens=40",
+            "temperature=0.8", "top_k=50"]
+    a = run_cli("generate.py", *args, cwd=root).stdout
+    b = run_cli("generate.py", *args, cwd=root).stdout
+    assert a.startswith("The") and a == b
+    assert len(a.strip()) >= 40
+
+
+def test_resume_continues_exactly(tmp_path):
+    """Stopping at step 6 and resuming gives the weights of an uninterrupted 12-step run."""
+    args = [*TINY_LM, "callbacks.model_checkpoint.save_top_k=-1",
+            "callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=max",
+            "test=false"]
+    run_cli("train.py", *args, cwd=tmp_path)
+    (full,) = run_dirs(tmp_path)
+    at6 = next((full / "checkpoints").glob("best_step000006*.ckpt"))
+    run_cli("train.py", *args, f"ckpt_path={at6}", cwd=tmp_path)
+    resumed = [d for d in run_dirs(tmp_path) if d != full][0]
+    a = torch.load(full / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 12
+    for k, v in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=1e-6, msg=k)
+    assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
+
+
+def test_ckpt_path_last_finds_the_newest_run(trained, tmp_path):
+    root, run, _ = trained
+    proc = run_cli("eval.py", "ckpt_path=last", cwd=root)
+    assert "test/loss" in proc.stdout
+
+
+def test_model_and_optimizer_from_the_command_line(tmp_path):
+    proc = run_cli("train.py", "model=gpt", "optimizer=adam", *TINY_LM, "test=false", cwd=tmp_path)
+    assert "Adam" in (run_dirs(tmp_path)[0] / ".hydra" / "config.yaml").read_text()
+    assert proc.returncode == 0
+
+
+def test_help_lists_the_groups(tmp_path):
+    out = run_cli("train.py", "--help", cwd=tmp_path).stdout
+    for group in ("model", "data", "optimizer", "scheduler", "trainer", "logger", "callbacks",
+                  "debug", "experiment", "strategy"):
+        assert re.search(rf"^{group}: ", out, re.M), group
+
+
+def test_two_runs_in_the_same_second_get_two_directories(tmp_path):
+    args = [sys.executable, str(ROOT / "train.py"), "train=false", "test=false",
+            "extras.print_config=false", "logger=csv"]
+    env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
+    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert len(run_dirs(tmp_path)) == 2
+
+
+def test_multirun_gives_one_directory_per_job(tmp_path):
+    run_cli("train.py", "-m", "optimizer=adam,sgd", *TINY_LM, "trainer.max_steps=2",
+            "trainer.val_check_interval=2", "test=false", cwd=tmp_path)
+    (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
+    jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1"]
+    assert all((sweep / j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
+
+
+@pytest.mark.parametrize("debug", ["fdr", "limit"])
+def test_debug_presets(debug, tmp_path):
+    run_cli("train.py", f"debug={debug}", *TINY_LM[:5], "extras.print_config=false", cwd=tmp_path)
+
+
+def test_tensorboard_logger_writes_events(tmp_path):
+    run_cli("train.py", "logger=tensorboard", *TINY_LM, "test=false", cwd=tmp_path)
+    (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,0 +1,145 @@
+"""Text sources, tokenizers, the token-id cache and window sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from bigmodel.data.text import TextDataModule, embedded_corpus
+from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from bigmodel.errors import UserError
+
+PROSE = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
+    "age of foolishness, it was the epoch of belief, it was the epoch of incredulity.\n"
+) * 40
+
+
+def dm(**kw) -> TextDataModule:
+    return TextDataModule(**{"block_size": 16, "batch_size": 4, **kw})
+
+
+def test_embedded_corpus_is_english_prose():
+    text = embedded_corpus()
+    assert len(text) > 100_000 and " the " in text
+
+
+def test_char_and_bpe_tokenizers_round_trip():
+    char = CharTokenizer.train(PROSE)
+    assert char.decode(char.encode("it was")) == "it was"
+    bpe = BPETokenizer.train(PROSE.splitlines(), vocab_size=300)
+    ids = bpe.encode("it was the age of wisdom, Ünïcode too")
+    assert bpe.decode(ids) == "it was the age of wisdom, Ünïcode too"  # byte-level: nothing unknown
+    assert len(ids) < len("it was the age of wisdom, Ünïcode too")  # merges were learned
+    again = tokenizer_from_dict(bpe.to_dict())
+    assert again.encode("the epoch of belief") == bpe.encode("the epoch of belief")
+    with pytest.raises(UserError, match="not in the character vocabulary"):
+        char.encode("\u2603")
+
+
+def test_file_folder_glob_sources_and_contiguous_splits(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    for i in range(3):
+        (tmp_path / "corpus" / f"part{i}.txt").write_text(PROSE)
+    single = tmp_path / "corpus" / "part0.txt"
+    for path in (str(single), str(tmp_path / "corpus"), str(tmp_path / "corpus" / "*.txt")):
+        d = dm(path=path)
+        d.setup("fit")
+        n = sum(len(d.tokens[s]) for s in ("train", "val", "test"))
+        assert n == len(d.load_text())  # char level: one token per character, nothing dropped
+        assert len(d.tokens["train"]) == int(n * 0.9)
+    assert len(dm(path=str(tmp_path / "corpus")).load_text()) > 3 * len(PROSE)
+
+
+def test_hf_parquet_and_json_sources(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [PROSE[i : i + 500] for i in range(0, len(PROSE), 500)]
+    pq.write_table(pa.table({"body": rows, "id": list(range(len(rows)))}), tmp_path / "d.parquet")
+    d = dm(path=str(tmp_path / "d.parquet"), text_column="body")
+    d.setup("fit")
+    assert "epoch of belief" in d.load_text()
+    with pytest.raises(UserError, match="no column 'text'"):
+        dm(path=str(tmp_path / "d.parquet")).setup("fit")
+    import json
+
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": r}) for r in rows))
+    d = dm(path=str(tmp_path / "d.jsonl"), tokenizer="bpe", vocab_size=300)
+    d.setup("fit")
+    assert d.vocab_size <= 300 and len(d.tokens["train"]) > 0
+
+
+def test_token_cache_is_written_once_and_memory_mapped(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text(PROSE)
+    d = dm(path=str(f), cache_dir=str(tmp_path / "cache"))
+    d.setup("fit")
+    files = sorted((tmp_path / "cache" / "tokens").glob("*.bin"))
+    assert len(files) == 3
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    d2 = dm(path=str(f), cache_dir=str(tmp_path / "cache"))
+    d2.setup("fit")
+    assert isinstance(d2.tokens["train"], np.memmap)
+    assert [p.stat().st_mtime_ns for p in files] == mtimes  # read back, not rewritten
+    np.testing.assert_array_equal(d.tokens["val"], d2.tokens["val"])
+    # another tokenizer is another cache entry
+    dm(path=str(f), cache_dir=str(tmp_path / "cache"), tokenizer="bpe", vocab_size=280).setup("fit")
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.bin"))) == 6
+
+
+def test_windows_train_random_eval_deterministic(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text(PROSE)
+    d = dm(path=str(f))
+    d.setup("fit")
+    x, y = next(iter(d.train_dataloader()))
+    assert x.shape == (4, 16) and torch.equal(x[:, 1:], y[:, :-1])  # targets shifted by one
+    v1 = [b[0] for b in d.val_dataloader()]
+    v2 = [b[0] for b in d.val_dataloader()]
+    assert all(torch.equal(a, b) for a, b in zip(v1, v2, strict=True))
+    ds = d.train_dataloader().dataset
+    first = ds.offsets.clone()
+    ds.set_epoch(1)
+    assert not torch.equal(first, ds.offsets)  # each epoch draws new windows
+    ds.set_epoch(0)
+    assert torch.equal(first, ds.offsets)  # ... reproducibly
+
+
+def test_resume_position_skips_seen_batches(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text(PROSE)
+    d = dm(path=str(f))
+    d.setup("fit")
+    full = [b[0] for b in d.train_dataloader()]
+    d.load_state_dict({"tokenizer": d.tokenizer.to_dict(), "train_position": {"epoch": 0, "batches": 3}})
+    rest = [b[0] for b in d.train_dataloader()]
+    assert len(rest) == len(full) - 3
+    assert all(torch.equal(a, b) for a, b in zip(rest, full[3:], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"path": "/does/not/exist"}, "does not exist"),
+        ({"batch_size": 0}, "batch_size must be a positive"),
+        ({"batch_size": -3}, "batch_size must be a positive"),
+        ({"tokenizer": "wordpiece"}, "not one of: char, bpe"),
+        ({"splits": [0.5, 0.5, 0.5]}, "summing to 1"),
+    ],
+)
+def test_bad_input_is_explained(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        dm(**kwargs).setup("fit")
+
+
+def test_corpus_shorter_than_a_block(tmp_path):
+    f = tmp_path / "tiny.txt"
+    f.write_text("too short")
+    with pytest.raises(UserError, match="fewer than one block"):
+        dm(path=str(f)).setup("fit")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(UserError, match="holds no text"):
+        dm(path=str(empty)).setup("fit")
