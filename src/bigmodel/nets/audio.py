@@ -1,0 +1,143 @@
+"""Audio nets: a log-mel front end (computed on the training device, in batches), SpecAugment
+masking, and a convolutional classifier over the spectrogram.
+
+Waveforms go in, so the features are computed where the model runs (GPU when there is one)
+and the checkpoint holds everything needed to classify raw audio.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from bigmodel.nets.cnn import ResNetBody
+
+
+def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
+    return 2595.0 * torch.log10(1.0 + torch.as_tensor(f, dtype=torch.float64) / 700.0)
+
+
+def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
+    return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
+
+
+def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float, f_max: float) -> torch.Tensor:
+    """Triangular filters on the HTK mel scale, (n_freqs, n_mels) (as torchaudio's melscale_fbanks)."""
+    all_freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
+    m_pts = torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2, dtype=torch.float64)
+    f_pts = mel_to_hz(m_pts)  # (n_mels + 2,) filter edges in Hz
+    f_diff = f_pts[1:] - f_pts[:-1]
+    slopes = f_pts[None, :] - all_freqs[:, None]  # (n_freqs, n_mels + 2)
+    down = -slopes[:, :-2] / f_diff[:-1]
+    up = slopes[:, 2:] / f_diff[1:]
+    return torch.clamp(torch.minimum(down, up), min=0.0).float()
+
+
+class LogMel(nn.Module):
+    """Waveforms (B, L) -> log-mel spectrograms (B, n_mels, frames)."""
+
+    def __init__(
+        self,
+        sample_rate: int,
+        n_fft: int = 512,
+        win_length: int | None = None,
+        hop_length: int = 160,
+        n_mels: int = 40,
+        f_min: float = 20.0,
+        f_max: float | None = None,
+    ) -> None:
+        super().__init__()
+        win_length = win_length or n_fft
+        f_max = f_max or sample_rate / 2
+        if not 0 < win_length <= n_fft or hop_length <= 0 or n_mels <= 0:
+            raise ValueError(
+                f"log-mel needs 0 < win_length <= n_fft, hop_length > 0, n_mels > 0 (got "
+                f"{win_length}, {n_fft}, {hop_length}, {n_mels}); fix model.net"
+            )
+        if not 0 <= f_min < f_max <= sample_rate / 2:
+            raise ValueError(
+                f"mel range {f_min}-{f_max} Hz does not fit a {sample_rate} Hz sample rate "
+                f"(at most {sample_rate / 2} Hz); lower model.net.f_max or raise data.sample_rate"
+            )
+        self.n_fft, self.win_length, self.hop_length = n_fft, win_length, hop_length
+        # Non-persistent: fully determined by the config, so checkpoints need not carry them.
+        self.register_buffer("window", torch.hann_window(win_length), persistent=False)
+        fb = mel_filterbank(n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max)
+        self.register_buffer("fbank", fb, persistent=False)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        spec = torch.stft(
+            wave.float(), self.n_fft, self.hop_length, self.win_length, self.window,
+            center=True, return_complex=True,
+        )  # (B, n_fft // 2 + 1, frames)
+        power = spec.real.square() + spec.imag.square()
+        mel = torch.einsum("bft,fm->bmt", power, self.fbank)  # (B, n_mels, frames)
+        return torch.log(mel + 1e-6)
+
+
+class SpecAugment(nn.Module):
+    """SpecAugment-style masking (Park et al. 2019) in training: `num_masks` bands of up to
+    `freq_mask` mel bins and up to `time_mask` frames per example are set to zero."""
+
+    def __init__(self, freq_mask: int = 0, time_mask: int = 0, num_masks: int = 2) -> None:
+        super().__init__()
+        self.freq_mask, self.time_mask, self.num_masks = freq_mask, time_mask, num_masks
+
+    @staticmethod
+    def _mask(n: int, max_width: int, batch: int, num: int, device: torch.device) -> torch.Tensor:
+        width = torch.randint(0, max_width + 1, (batch, num, 1), device=device)
+        start = (torch.rand(batch, num, 1, device=device) * (n - width + 1)).long()
+        pos = torch.arange(n, device=device)  # (n,)
+        return ((pos >= start) & (pos < start + width)).any(dim=1)  # (B, n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.num_masks <= 0:
+            return x
+        B, F, T = x.shape[0], x.shape[-2], x.shape[-1]
+        keep = torch.ones(B, F, T, dtype=torch.bool, device=x.device)
+        if self.freq_mask > 0:
+            keep &= ~self._mask(F, min(self.freq_mask, F), B, self.num_masks, x.device)[:, :, None]
+        if self.time_mask > 0:
+            keep &= ~self._mask(T, min(self.time_mask, T), B, self.num_masks, x.device)[:, None, :]
+        return x * keep.view(x.shape).to(x.dtype)
+
+
+class AudioCNN(nn.Module):
+    """Waveforms (B, L) at `sample_rate` -> class logits (B, num_classes).
+
+    log-mel -> per-mel-bin batch norm (a learned standardisation, robust to loudness) ->
+    SpecAugment (training only) -> the ResNet body of nets/cnn.py over the 1-channel image.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        sample_rate: int,
+        n_fft: int = 512,
+        win_length: int | None = None,
+        hop_length: int = 320,
+        n_mels: int = 32,
+        f_min: float = 20.0,
+        f_max: float | None = None,
+        freq_mask: int = 0,
+        time_mask: int = 0,
+        num_masks: int = 2,
+        widths: list[int] | tuple[int, ...] = (16, 32, 64),
+        blocks_per_stage: int = 1,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
+        self.num_classes = num_classes
+        self.features = LogMel(sample_rate, n_fft, win_length, hop_length, n_mels, f_min, f_max)
+        self.norm = nn.BatchNorm1d(n_mels)
+        self.spec_augment = SpecAugment(freq_mask, time_mask, num_masks)
+        self.body = ResNetBody(1, list(widths), blocks_per_stage)
+        self.dropout = nn.Dropout(dropout)
+        self.head = nn.Linear(self.body.out_features, num_classes)
+
+    def forward(self, wave: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.features(wave))  # (B, n_mels, frames)
+        x = self.spec_augment(x).unsqueeze(1)  # (B, 1, n_mels, frames)
+        return self.head(self.dropout(self.body(x)))  # (B, num_classes)
