@@ -1,5 +1,11 @@
 """Plain torch nets. They know nothing of Lightning; configs pick them by `_target_`."""
 
+from bigmodel.nets.audio import AudioCNN, LogMel, SpecAugment
+from bigmodel.nets.cnn import CNN
 from bigmodel.nets.gpt import GPT, GPTConfig
+from bigmodel.nets.mlp import MLP
+from bigmodel.nets.vit import ViT, ViTConfig
 
-__all__ = ["GPT", "GPTConfig"]
+__all__ = [
+    "AudioCNN", "CNN", "GPT", "GPTConfig", "LogMel", "MLP", "SpecAugment", "ViT", "ViTConfig",
+]

@@ -1,6 +1,8 @@
 """LightningModules, one per kind of learning. They know nets only by their forward signature."""
 
 from bigmodel.tasks.base import Task
+from bigmodel.tasks.classification import Classifier
 from bigmodel.tasks.language_model import LanguageModel
+from bigmodel.tasks.regression import Regressor
 
-__all__ = ["LanguageModel", "Task"]
+__all__ = ["Classifier", "LanguageModel", "Regressor", "Task"]
