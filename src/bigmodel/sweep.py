@@ -185,11 +185,6 @@ def heartbeats(storage, trial_ids: list[int], interval: int | None) -> Iterator[
 
 
 # ----------------------------------------------------------------------------------- sweep
-def _instance(conf: Any) -> Any:
-    # Hydra hands the sweeper its sampler and pruner already built; accept configs too
-    return hydra.utils.instantiate(conf) if isinstance(conf, (dict, DictConfig)) else conf
-
-
 @dataclass
 class SweepSettings:
     """`hydra.sweeper.*` (see hydra_plugins/bigmodel_optuna_sweeper/config.py)."""
@@ -228,9 +223,16 @@ class OptunaSweep:
         self.storage = make_storage(self.url, self.s.heartbeat_interval, self.s.grace_period)
         study = optuna.create_study(
             study_name=self.study_name, storage=self.storage, direction=self.s.direction,
-            sampler=_instance(self.s.sampler), pruner=_instance(self.s.pruner),
-            load_if_exists=True,
+            pruner=hydra.utils.instantiate(self.config.hydra.sweeper.pruner), load_if_exists=True,
         )
+        # A seeded sampler restarted as it was would propose the first points again: a resumed
+        # study draws from seed + number of trials so far (still reproducible).
+        sampler_conf = self.config.hydra.sweeper.sampler
+        seed = sampler_conf.get("seed")
+        resumed = len(study.get_trials(deepcopy=False))
+        if seed is not None and resumed:
+            sampler_conf = OmegaConf.merge(sampler_conf, {"seed": seed + resumed})
+        study.sampler = hydra.utils.instantiate(sampler_conf)
         if study.direction.name.lower() != self.s.direction:
             raise UserError(
                 f"study {self.study_name} was created to {study.direction.name.lower()}, not "
