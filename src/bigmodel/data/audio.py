@@ -258,6 +258,7 @@ class AudioDataModule(L.LightningDataModule):
         self.seed, self.split = seed, split
         self.classes: list[str] = []
         self.datasets: dict[str, Dataset] = {}
+        self.files: dict[str, list[Path]] = {}  # per split, for folder sources (for inspection)
         self._saved_classes: list[str] | None = None
 
     # --------------------------------------------------------------------------------- sources
@@ -431,6 +432,7 @@ class AudioDataModule(L.LightningDataModule):
         else:
             files = self._folder_files() if self.source == "folder" else self._speech_commands_files()
             files = self._split_files(files)
+            self.files = {s: [f for f, _ in fs] for s, fs in files.items()}
             for s in SPLITS:
                 if self.preload:
                     self.datasets[s] = TensorDataset(*self._decode(files[s]))

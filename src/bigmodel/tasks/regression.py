@@ -15,34 +15,31 @@ from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, 
 from bigmodel.tasks.base import Task
 
 
-def regression_metrics(num_outputs: int) -> MetricCollection:
+def regression_metrics() -> MetricCollection:
     return MetricCollection({
         "mse": MeanSquaredError(),
         "mae": MeanAbsoluteError(),
-        "r2": R2Score(multioutput="uniform_average", num_outputs=num_outputs),
+        "r2": R2Score(multioutput="uniform_average"),
     })
 
 
 class Regressor(Task):
     """Args:
-        num_outputs: width of the target (the config takes it from `model.net.out_features`).
         loss: a module mapping (predictions, targets) to a scalar; MSE by default.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        num_outputs: int,
         optimizer: functools.partial | None = None,
         scheduler: dict | None = None,
         compile: bool = False,
         loss: nn.Module | None = None,
     ) -> None:
         super().__init__(net, optimizer, scheduler, compile)
-        self.num_outputs = num_outputs
         self.loss_fn = loss if loss is not None else nn.MSELoss()
-        self.val_metrics = regression_metrics(num_outputs).clone(prefix="val/")
-        self.test_metrics = regression_metrics(num_outputs).clone(prefix="test/")
+        self.val_metrics = regression_metrics().clone(prefix="val/")
+        self.test_metrics = regression_metrics().clone(prefix="test/")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
