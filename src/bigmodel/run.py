@@ -26,6 +26,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from bigmodel.distributed import derive_accumulation, patch_ddp_hydra_launcher
 from bigmodel.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -167,10 +168,25 @@ def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightnin
 
 def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
     """The Trainer from `trainer`, with the `strategy` group (a name or a config) plugged in."""
+    patch_ddp_hydra_launcher()  # strategy=ddp re-runs this command for the other ranks
     strategy = cfg.get("strategy") or "auto"
     if isinstance(strategy, DictConfig):
         strategy = hydra.utils.instantiate(strategy)
     return hydra.utils.instantiate(cfg.trainer, strategy=strategy, **kwargs)
+
+
+def set_accumulation(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Derive gradient accumulation from `global_batch_size` (data.batch_size is per device)."""
+    global_batch = cfg.get("global_batch_size")
+    if global_batch is None:
+        return
+    steps = derive_accumulation(int(global_batch), int(cfg.data.batch_size), trainer.num_devices,
+                                trainer.num_nodes)
+    trainer.accumulate_grad_batches = steps
+    with open_dict(cfg):
+        cfg.trainer.accumulate_grad_batches = steps
+    log.info(f"global_batch_size={global_batch}: {cfg.data.batch_size} per device x "
+             f"{trainer.num_devices} devices x {trainer.num_nodes} nodes x {steps} accumulation")
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -217,14 +233,14 @@ def train(cfg: DictConfig) -> float | None:
     task = build_task(cfg, datamodule)
     if ckpt is not None:
         check_same_model(ckpt, ckpt_path, cfg.model, task)
-    task.run_config = OmegaConf.to_container(cfg, resolve=True)
-    tokenizer = getattr(datamodule, "tokenizer", None)
-    if tokenizer is not None:
-        (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict()))
-
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out))
+    set_accumulation(cfg, trainer)
+    task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is not None and trainer.is_global_zero:  # other DDP ranks share the run dir
+        (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict()))
     for lg in loggers:
         lg.log_hyperparams(flat_config(cfg))
     n_params = sum(p.numel() for p in task.parameters())

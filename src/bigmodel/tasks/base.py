@@ -45,6 +45,22 @@ class Task(L.LightningModule):
             self.net.compile()
             self.net._compiled = True
 
+    def configure_model(self) -> None:
+        """strategy=fsdp2: shard the net's blocks with `fully_shard` over the data-parallel mesh."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        from bigmodel.distributed import fully_shard_net
+
+        # bf16-mixed under FSDP2 is FSDP's own policy: bf16 compute, fp32 gradient reduction
+        mp = None
+        if str(self.trainer.precision) == "bf16-mixed":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        fully_shard_net(self.net, self.device_mesh["data_parallel"], mp)
+
     def configure_optimizers(self) -> Any:
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured: choose one with optimizer=<name>")

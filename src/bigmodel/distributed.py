@@ -1,0 +1,134 @@
+"""Helpers for running one config on many devices: batch arithmetic, FSDP wrapping, DDP + Hydra.
+
+The strategies themselves are Lightning's (configs/strategy/*.yaml); this module holds only what
+those configs and the runner need around them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+import torch.nn as nn
+
+from bigmodel.errors import UserError
+
+
+# ------------------------------------------------------------------------------ batch sizes
+def derive_accumulation(global_batch_size: int, batch_size: int, devices: int, nodes: int) -> int:
+    """Gradient accumulation steps so that batch_size x devices x nodes x steps = global_batch_size.
+
+    `batch_size` is per device (what one process's DataLoader yields).
+    """
+    per_step = batch_size * devices * nodes
+    if global_batch_size <= 0 or global_batch_size % per_step:
+        raise UserError(
+            f"global_batch_size={global_batch_size} is not a positive multiple of data.batch_size "
+            f"x devices x nodes = {batch_size} x {devices} x {nodes} = {per_step}; set "
+            f"global_batch_size to a multiple of {per_step}, or change data.batch_size"
+        )
+    return global_batch_size // per_step
+
+
+# ------------------------------------------------------------------------------------ FSDP
+def module_classes(paths: list[str], enabled: bool = True) -> set[type[nn.Module]] | None:
+    """The classes named by dotted paths, as FSDP's auto-wrap / checkpointing policies take them.
+
+    Returns None when `enabled` is false (the policy is off). A path whose module is missing is
+    skipped, so one list can name the blocks of every net the project has.
+    """
+    if not enabled:
+        return None
+    out: set[type[nn.Module]] = set()
+    for path in paths:
+        module_name, _, cls_name = path.rpartition(".")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError:
+            continue
+        cls = getattr(module, cls_name, None)
+        if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+            raise UserError(f"{path} is not an nn.Module class; list transformer block classes")
+        out.add(cls)
+    if not out:
+        raise UserError(f"none of {list(paths)} could be imported; list transformer block classes")
+    return out
+
+
+def fully_shard_net(net: nn.Module, mesh: Any, mp_policy: Any | None = None) -> nn.Module:
+    """FSDP2: shard each block of `net.blocks` (one all-gather per block), then the rest of the net.
+
+    Nets without a `blocks` list are sharded as one unit. Idempotent: a net already sharded is
+    left as it is (Lightning may call configure_model more than once).
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    if isinstance(net, FSDPModule):
+        return net
+    kwargs = {"mesh": mesh}
+    if mp_policy is not None:
+        kwargs["mp_policy"] = mp_policy
+    for block in getattr(net, "blocks", []):
+        fully_shard(block, **kwargs)
+    fully_shard(net, **kwargs)
+    return net
+
+
+def fsdp2_strategy(save_distributed_checkpoint: bool = False, **kwargs: Any):
+    """Lightning's ModelParallelStrategy with every device of every node in one FSDP2 shard group.
+
+    ModelParallelStrategy's `auto` sizes mean data parallel over nodes x tensor parallel within a
+    node; pure FSDP2 wants data parallel over all devices and no tensor parallelism.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class FSDP2Strategy(ModelParallelStrategy):
+        def setup_environment(self) -> None:
+            self._data_parallel_size = self.num_nodes * self.num_processes
+            super().setup_environment()
+
+    return FSDP2Strategy(data_parallel_size="auto", tensor_parallel_size=1,
+                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+
+
+# ------------------------------------------------------------------------------ DDP + Hydra
+def _hydra_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
+    """The command line that starts rank `local_rank` of a DDP run inside a Hydra job.
+
+    Lightning's own version re-runs `sys.argv` with `hydra.run.dir` re-resolved, which in a
+    multirun starts a whole new sweep in a new directory on every rank. This one re-runs the
+    job's own overrides as a single run in the job's output directory, and writes no log files
+    or config copies there: only rank 0 writes into a run directory.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.utils import get_original_cwd, to_absolute_path
+
+    hc = HydraConfig.get()
+    keep = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
+    argv, flags = sys.argv[1:], []
+    for i, arg in enumerate(argv):
+        if arg.split("=")[0] in keep:
+            flags.append(arg)
+            if "=" not in arg and i + 1 < len(argv):
+                flags.append(argv[i + 1])
+    command = [sys.executable, to_absolute_path(sys.argv[0]), *flags, *hc.overrides.task]
+    command += [
+        f'hydra.run.dir="{hc.runtime.output_dir}"',
+        f"hydra.job.name=train_ddp_process_{local_rank}",
+        "hydra.output_subdir=null",
+        # rank 0 owns <run dir>/train.log; other ranks log to their console only
+        f"hydra.job_logging.handlers.file.filename={os.devnull}",
+    ]
+    return command, get_original_cwd()
+
+
+def patch_ddp_hydra_launcher() -> None:
+    """Make `strategy=ddp` re-run ranks > 0 correctly under Hydra runs and multiruns."""
+    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
+
+    fabric_launcher._hydra_subprocess_cmd = _hydra_subprocess_cmd
+    trainer_launcher._hydra_subprocess_cmd = _hydra_subprocess_cmd
+
