@@ -327,10 +327,21 @@ def generate(cfg: DictConfig) -> list[str]:
         raise UserError("generate.py needs ckpt_path=PATH (a .ckpt written by train.py, or 'last')")
     _, datamodule, task = restore(ckpt_path)
     tokenizer = getattr(datamodule, "tokenizer", None)
-    if tokenizer is None or not hasattr(task, "generate_text"):
+    if tokenizer is None or not (hasattr(task, "generate_text") or hasattr(task, "translate")):
         raise UserError(f"{ckpt_path} is a {type(task).__name__}, which does not generate text")
     device = cfg.get("device") or ("cuda" if torch.cuda.is_available() else "cpu")
     task.to(device)
+    if hasattr(task, "translate"):  # sequence to sequence: text in, its translation out
+        if not cfg.get("text"):
+            raise UserError(f"{ckpt_path} is a translation model; give it text=\"a sentence\" "
+                            "(or a list: 'text=[\"one\",\"two\"]')")
+        inputs = [cfg.text] if isinstance(cfg.text, str) else list(cfg.text)
+        texts = task.translate(inputs, tokenizer, beam_size=cfg.get("beam_size") or 1,
+                               length_penalty=cfg.get("length_penalty"),
+                               max_len_ratio=cfg.get("max_len_ratio"))
+        for t in texts:
+            print(t)
+        return texts
     texts = task.generate_text(
         cfg.prompt, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
         top_k=cfg.top_k, num_samples=cfg.num_samples, seed=cfg.get("seed"),

@@ -1,0 +1,155 @@
+"""Tokenizers that round-trip through plain data, so they live in checkpoints and run folders."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from bigmodel.errors import UserError
+
+
+class Tokenizer(Protocol):
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def to_dict(self) -> dict: ...
+
+
+class CharTokenizer:
+    """One id per distinct character of the corpus (nanoGPT's shakespeare_char)."""
+
+    def __init__(self, chars: str) -> None:
+        self.chars = chars
+        self.stoi = {c: i for i, c in enumerate(chars)}
+        self.vocab_size = len(chars)
+
+    @classmethod
+    def train(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.stoi[c] for c in text]
+        except KeyError as e:
+            raise UserError(
+                f"character {e.args[0]!r} is not in the character vocabulary of this model; "
+                "use characters seen in training, or data.tokenizer=bpe"
+            ) from None
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict:
+        return {"type": "char", "chars": self.chars}
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2 style) trained with HF `tokenizers`: any text encodes, no unknowns."""
+
+    def __init__(self, tokenizer) -> None:  # tokenizers.Tokenizer
+        self.tok = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size()
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int, special_tokens: list[str] | None = None):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=special_tokens or [],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tok.token_to_id(token)
+
+    def to_dict(self) -> dict:
+        return {"type": "bpe", "json": self.tok.to_str()}
+
+
+class TokenizerPair:
+    """Source and target tokenizers of a translation model (one object twice when shared).
+
+    `encode` is the source side (ids end in eos), `decode` the target side (specials dropped),
+    so translation data and decoding agree on one convention. Both sides hold `PAD`, `BOS`, `EOS`
+    as special tokens with the same ids.
+    """
+
+    PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+    SPECIALS = [PAD, BOS, EOS]
+
+    def __init__(self, src: BPETokenizer, tgt: BPETokenizer | None = None) -> None:
+        self.src, self.tgt = src, tgt or src
+        self.shared = tgt is None or tgt is src
+        ids = [[t.token_to_id(s) for s in self.SPECIALS] for t in (self.src, self.tgt)]
+        if ids[0] != ids[1] or None in ids[0]:
+            raise UserError(f"translation tokenizers need the specials {self.SPECIALS} at the same "
+                            f"ids on both sides (got {ids}); train them with TokenizerPair.train")
+        self.pad_id, self.bos_id, self.eos_id = ids[0]
+        self.vocab_size = self.tgt.vocab_size
+
+    @classmethod
+    def train(cls, src_texts: list[str], tgt_texts: list[str], vocab_size: int, shared: bool = True):
+        if shared:
+            return cls(BPETokenizer.train(src_texts + tgt_texts, vocab_size, cls.SPECIALS))
+        return cls(BPETokenizer.train(src_texts, vocab_size, cls.SPECIALS),
+                   BPETokenizer.train(tgt_texts, vocab_size, cls.SPECIALS))
+
+    def encode(self, text: str) -> list[int]:
+        return self.src.encode(text) + [self.eos_id]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [ids + [self.eos_id] for ids in self.src.encode_batch(texts)]
+
+    def encode_target_batch(self, texts: list[str]) -> list[list[int]]:
+        """bos + ids + eos: the decoder reads [:-1] and predicts [1:]."""
+        return [[self.bos_id, *ids, self.eos_id] for ids in self.tgt.encode_batch(texts)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tgt.decode(ids)  # HF tokenizers skip special tokens when decoding
+
+    def to_dict(self) -> dict:
+        state = {"type": "pair", "src": self.src.to_dict()}
+        if not self.shared:
+            state["tgt"] = self.tgt.to_dict()
+        return state
+
+
+def tokenizer_from_dict(state: dict) -> CharTokenizer | BPETokenizer | TokenizerPair:
+    kind = state.get("type")
+    if kind == "char":
+        return CharTokenizer(state["chars"])
+    if kind == "bpe":
+        from tokenizers import Tokenizer
+
+        return BPETokenizer(Tokenizer.from_str(state["json"]))
+    if kind == "pair":
+        tgt = tokenizer_from_dict(state["tgt"]) if "tgt" in state else None
+        return TokenizerPair(tokenizer_from_dict(state["src"]), tgt)
+    raise UserError(f"unknown tokenizer type {kind!r} in checkpoint; expected 'char', 'bpe' or 'pair'")
+
+
+def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(tokenizer.to_dict()))
+
+
+def load_tokenizer(path: str | Path) -> CharTokenizer | BPETokenizer | TokenizerPair:
+    return tokenizer_from_dict(json.loads(Path(path).read_text()))
