@@ -308,6 +308,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     out.mkdir(parents=True, exist_ok=True)
     _, datamodule, task = restore(ckpt_path, cfg.get("data"))
     datamodule.setup("test")
+    if cfg.get("quantize"):  # int8 for CPU inference, tested next to the float32 net
+        from bigmodel.quantize import evaluate_quantized
+
+        return evaluate_quantized(task, datamodule, lambda **kw: build_trainer(
+            cfg, logger=False, default_root_dir=str(out), accelerator="cpu", devices=1, **kw,
+        ), cfg.quantize, out)
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(cfg, logger=loggers or False, default_root_dir=str(out))
     results = trainer.test(task, datamodule=datamodule)
