@@ -92,6 +92,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
     """Token ids (B, T) -> next-token logits (B, T, vocab_size)."""
 
+    config_class = GPTConfig
+
     def __init__(self, config: GPTConfig | None = None, **kwargs) -> None:
         super().__init__()
         cfg = config or GPTConfig(**kwargs)
