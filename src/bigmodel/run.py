@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import functools
 import glob
+import inspect
 import json
 import logging
 import os
 import sys
 import time
+import types
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,11 +26,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bigmodel.distributed import derive_accumulation, patch_ddp_hydra_launcher
 from bigmodel.errors import UserError
+from bigmodel.loggers import redact
 
 log = logging.getLogger("bigmodel")
 
@@ -135,6 +139,63 @@ def check_same_model(ckpt: dict, path: str, model_cfg: DictConfig, model: L.Ligh
 
 
 # ------------------------------------------------------------------------------- composition
+_SIMPLE = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
+
+
+def check_types(node: Any, key: str) -> None:
+    """Check config values against the type hints of the `_target_` they will be passed to.
+
+    Catches `data.batch_size=twelve` with a message naming the key, before anything runs.
+    """
+    if isinstance(node, ListConfig):
+        for i, item in enumerate(node):
+            check_types(item, f"{key}[{i}]")
+        return
+    if not isinstance(node, DictConfig):
+        return
+    target = node.get("_target_") if "_target_" in node.keys() else None
+    hints: dict[str, Any] = {}
+    if isinstance(target, str):
+        try:
+            obj = hydra.utils.get_object(target)
+            hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
+            if hasattr(obj, "config_class"):  # nets built from a typed dataclass config
+                hints = {**typing.get_type_hints(obj.config_class), **hints}
+        except Exception:  # unknown target: instantiate reports it; odd hints: skip the check
+            hints = {}
+    for k in node.keys():
+        if k.startswith("_") or OmegaConf.is_missing(node, k) or OmegaConf.is_interpolation(node, k):
+            child = None
+        else:
+            child = node[k]
+        full = f"{key}.{k}" if key else str(k)
+        if isinstance(child, (DictConfig, ListConfig)):
+            check_types(child, full)
+        elif k in hints and child is not None:
+            allowed = _allowed_types(hints[k])
+            ok = allowed is None or (isinstance(child, allowed)
+                                     and not (isinstance(child, bool) and bool not in allowed))
+            if not ok:
+                names = " or ".join(t.__name__ for t in allowed)
+                raise UserError(f"{full}={child!r} must be {names}; fix the value of {full}")
+
+
+def _allowed_types(hint: Any) -> tuple[type, ...] | None:
+    if hint in _SIMPLE:
+        return _SIMPLE[hint]
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and args:
+        out: tuple[type, ...] = ()
+        for a in args:
+            if a is type(None):
+                continue
+            if a not in _SIMPLE:
+                return None
+            out += _SIMPLE[a]
+        return out
+    return None
+
+
 def fill_from_data(node: DictConfig, values: dict[str, Any]) -> None:
     """Fill the `???` fields of a net config with what only the data knows (vocab, classes)."""
     with open_dict(node):
@@ -204,7 +265,7 @@ def flat_config(cfg: DictConfig) -> dict[str, Any]:
         else:
             flat[prefix] = node
 
-    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    walk(redact(OmegaConf.to_container(cfg, resolve=True)), "")
     return flat
 
 
@@ -225,6 +286,8 @@ def train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
 
+    for group in ("data", "model", "optimizer", "trainer"):
+        check_types(cfg.get(group), group)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     if ckpt is not None and type(datamodule).__qualname__ in ckpt:
         datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])
@@ -237,7 +300,8 @@ def train(cfg: DictConfig) -> float | None:
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out))
     set_accumulation(cfg, trainer)
-    task.run_config = OmegaConf.to_container(cfg, resolve=True)
+    # the config a checkpoint carries, credentials masked
+    task.run_config = redact(OmegaConf.to_container(cfg, resolve=True))
     tokenizer = getattr(datamodule, "tokenizer", None)
     if tokenizer is not None and trainer.is_global_zero:  # other DDP ranks share the run dir
         (out / "tokenizer.json").write_text(json.dumps(tokenizer.to_dict()))
@@ -264,7 +328,7 @@ def train(cfg: DictConfig) -> float | None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     name = cfg.get("optimized_metric")
-    if name:
+    if name and (name in metrics or cfg.get("train", True)):
         if name not in metrics:
             raise UserError(
                 f"optimized_metric={name} was not logged; logged metrics: {', '.join(sorted(metrics))}"
