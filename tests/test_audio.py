@@ -17,8 +17,12 @@ from bigmodel.nets import AudioCNN, LogMel, SpecAugment
 from bigmodel.nets.audio import hz_to_mel
 from tests.conftest import run_cli, run_dirs
 
-QUIET = ["extras.print_config=false", "callbacks.rich_progress_bar=null",
-         "callbacks.rich_model_summary=null", "trainer.num_sanity_val_steps=0"]
+QUIET = [
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+    "trainer.num_sanity_val_steps=0",
+]
 
 
 def tone(freq: float, sr: int, seconds: float, channels: int = 1) -> np.ndarray:
@@ -58,8 +62,13 @@ def test_spec_augment_masks_only_in_training():
 
 
 def test_spoken_digits_are_deterministic_and_cached(tmp_path):
-    kw = dict(clips_per_class=5, num_speakers=4, cache_dir=str(tmp_path), val_fraction=0.2,
-              test_fraction=0.2)
+    kw = dict(
+        clips_per_class=5,
+        num_speakers=4,
+        cache_dir=str(tmp_path),
+        val_fraction=0.2,
+        test_fraction=0.2,
+    )
     a = AudioDataModule(seed=5, **kw)
     a.setup()
     (cached,) = (tmp_path / "spoken_digits").glob("*.npz")
@@ -91,8 +100,14 @@ def write_wav_folder(root, rates=(8000, 16000, 44100), per_class=4, layout=None)
 
 def test_audio_folder_resamples_mixes_and_pads(tmp_path):
     write_wav_folder(tmp_path)
-    dm = AudioDataModule(source="folder", root=str(tmp_path), sample_rate=16000,
-                         clip_seconds=1.0, val_fraction=0.25, test_fraction=0.25)
+    dm = AudioDataModule(
+        source="folder",
+        root=str(tmp_path),
+        sample_rate=16000,
+        clip_seconds=1.0,
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
     dm.setup()
     assert dm.classes == ["high", "low", "mid"]
     x, y = dm.datasets["train"].tensors
@@ -108,15 +123,22 @@ def test_audio_folder_resamples_mixes_and_pads(tmp_path):
 
 def test_audio_folder_split_by_speaker(tmp_path):
     write_wav_folder(tmp_path, per_class=8)
-    dm = AudioDataModule(source="folder", root=str(tmp_path), split_by="speaker",
-                         val_fraction=0.25, test_fraction=0.25)
+    dm = AudioDataModule(
+        source="folder",
+        root=str(tmp_path),
+        split_by="speaker",
+        val_fraction=0.25,
+        test_fraction=0.25,
+    )
     dm.setup()
     speakers = {s: {f.stem.split("_")[1] for f in dm.files[s]} for s in ("train", "val", "test")}
     # 4 speakers: 2 train, 1 val, 1 test, and no speaker's clips land in two splits
     assert [len(speakers[s]) for s in ("train", "val", "test")] == [2, 1, 1]
     assert len(set.union(*speakers.values())) == 4
     assert [len(dm.datasets[s]) for s in ("train", "val", "test")] == [12, 6, 6]
-    (tmp_path / "low" / "oddname.wav").write_bytes((tmp_path / "low" / "low_spk0_0.wav").read_bytes())
+    (tmp_path / "low" / "oddname.wav").write_bytes(
+        (tmp_path / "low" / "low_spk0_0.wav").read_bytes()
+    )
     with pytest.raises(UserError, match="<label>_<speaker>_<n>"):
         AudioDataModule(source="folder", root=str(tmp_path), split_by="speaker").setup()
 
@@ -129,7 +151,9 @@ def test_speech_commands_layout(tmp_path):
             sf.write(tmp_path / w / f"{spk:08x}_nohash_0.wav", tone(440, 16000, 1.0), 16000)
     (tmp_path / "_background_noise_").mkdir()
     sf.write(tmp_path / "_background_noise_" / "white.wav", tone(50, 16000, 2.0), 16000)
-    (tmp_path / "validation_list.txt").write_text("yes/00000000_nohash_0.wav\nno/00000001_nohash_0.wav\n")
+    (tmp_path / "validation_list.txt").write_text(
+        "yes/00000000_nohash_0.wav\nno/00000001_nohash_0.wav\n"
+    )
     (tmp_path / "testing_list.txt").write_text("up/00000002_nohash_0.wav\n")
     dm = AudioDataModule(source="speech_commands", root=str(tmp_path), preload=False)
     dm.setup()
@@ -151,8 +175,13 @@ def test_audio_bad_input(tmp_path):
     bad.write_bytes(b"RIFF\x00\x00\x00\x00WAVEjunk")
     with pytest.raises(UserError, match=r"low_spk9_9\.wav.*on_bad_file=skip"):
         AudioDataModule(source="folder", root=str(tmp_path)).setup()
-    dm = AudioDataModule(source="folder", root=str(tmp_path), on_bad_file="skip",
-                         val_fraction=0.25, test_fraction=0.0)
+    dm = AudioDataModule(
+        source="folder",
+        root=str(tmp_path),
+        on_bad_file="skip",
+        val_fraction=0.25,
+        test_fraction=0.0,
+    )
     dm.setup()
     assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 12
     (tmp_path / "empty").mkdir()
@@ -173,9 +202,17 @@ def test_audio_bad_input(tmp_path):
 
 
 def test_cli_spoken_digits(tmp_path):
-    run_cli("train.py", "experiment=spoken_digits", "data.clips_per_class=6", "data.num_speakers=6",
-            "trainer.max_epochs=2", "model.net.widths=[8,16]", *QUIET, cwd=tmp_path,
-            env={"OMP_NUM_THREADS": "1"})
+    run_cli(
+        "train.py",
+        "experiment=spoken_digits",
+        "data.clips_per_class=6",
+        "data.num_speakers=6",
+        "trainer.max_epochs=2",
+        "model.net.widths=[8,16]",
+        *QUIET,
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     (run,) = run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"test/acc", "test/acc_top5", "test/f1", "val/acc"} <= set(metrics)

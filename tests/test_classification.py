@@ -20,8 +20,12 @@ from tests.conftest import run_cli, run_dirs
 
 # Tiny nets run fastest on one thread, and the test machines are shared by parallel jobs.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-QUIET = ["extras.print_config=false", "callbacks.rich_progress_bar=null",
-         "callbacks.rich_model_summary=null", "trainer.num_sanity_val_steps=0"]
+QUIET = [
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+    "trainer.num_sanity_val_steps=0",
+]
 
 
 def test_metrics_equal_sklearn_on_fixed_predictions():
@@ -36,8 +40,11 @@ def test_metrics_equal_sklearn_on_fixed_predictions():
     got = {name: float(v) for name, v in m.compute().items()}
     pred, yt = logits.argmax(1).numpy(), y.numpy()
     assert got["acc"] == pytest.approx(skm.accuracy_score(yt, pred), abs=1e-6)
-    for name, fn in (("precision", skm.precision_score), ("recall", skm.recall_score),
-                     ("f1", skm.f1_score)):
+    for name, fn in (
+        ("precision", skm.precision_score),
+        ("recall", skm.recall_score),
+        ("f1", skm.f1_score),
+    ):
         assert got[name] == pytest.approx(fn(yt, pred, average="macro", zero_division=0), abs=1e-6)
     top5 = skm.top_k_accuracy_score(yt, logits.numpy(), k=5, labels=list(range(k)))
     assert got["acc_top5"] == pytest.approx(top5, abs=1e-6)
@@ -62,8 +69,13 @@ def test_confusion_matrix_png_and_counts_match_sklearn(tmp_path):
     dm.setup("fit")
     net = Frozen(64, 10)
     task = Classifier(net, num_classes=10)
-    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        default_root_dir=str(tmp_path), accelerator="cpu")
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+        accelerator="cpu",
+    )
     (res,) = trainer.test(task, datamodule=dm)
     x, y = dm.data["test"]
     with torch.no_grad():
@@ -101,13 +113,29 @@ def test_losses_train_a_net(loss):
 
 def test_vit_pooling_and_shapes():
     for pool in ("cls", "mean"):
-        net = ViT(num_classes=4, in_channels=3, image_size=16, patch_size=4, n_layer=2, n_head=2,
-                  n_embd=32, pool=pool)
+        net = ViT(
+            num_classes=4,
+            in_channels=3,
+            image_size=16,
+            patch_size=4,
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            pool=pool,
+        )
         assert net(torch.randn(5, 3, 16, 16)).shape == (5, 4)
     with pytest.raises(ValueError, match="patch_size"):
         ViT(num_classes=4, in_channels=1, image_size=10, patch_size=4)
-    ckpt = ViT(num_classes=3, in_channels=1, image_size=8, patch_size=2, n_layer=2, n_head=2,
-               n_embd=16, activation_checkpointing=True)
+    ckpt = ViT(
+        num_classes=3,
+        in_channels=1,
+        image_size=8,
+        patch_size=2,
+        n_layer=2,
+        n_head=2,
+        n_embd=16,
+        activation_checkpointing=True,
+    )
     ckpt.train()
     ckpt(torch.randn(2, 1, 8, 8)).sum().backward()
     assert ckpt.patch_embed.weight.grad is not None
@@ -124,13 +152,28 @@ def _check_run(root, metrics_needed):
     return run, metrics
 
 
-NEEDED = {"test/acc", "test/acc_top5", "test/precision", "test/recall", "test/f1", "val/acc",
-          "val/f1", "train/loss"}
+NEEDED = {
+    "test/acc",
+    "test/acc_top5",
+    "test/precision",
+    "test/recall",
+    "test/f1",
+    "val/acc",
+    "val/f1",
+    "train/loss",
+}
 
 
 def test_cli_digits_cnn_and_eval(tmp_path):
-    run_cli("train.py", "experiment=digits_cnn", "trainer.max_epochs=2", "model.net.widths=[16,32]",
-            *QUIET, cwd=tmp_path, env=ONE_THREAD)
+    run_cli(
+        "train.py",
+        "experiment=digits_cnn",
+        "trainer.max_epochs=2",
+        "model.net.widths=[16,32]",
+        *QUIET,
+        cwd=tmp_path,
+        env=ONE_THREAD,
+    )
     run, metrics = _check_run(tmp_path, NEEDED)
     assert metrics["test/acc"] > 0.3  # two short epochs already learn something
     best = next((run / "checkpoints").glob("best_epoch*.ckpt"))
@@ -139,14 +182,30 @@ def test_cli_digits_cnn_and_eval(tmp_path):
 
 
 def test_cli_digits_vit_with_hinge_loss(tmp_path):
-    run_cli("train.py", "experiment=digits_vit", "loss=hinge", "trainer.max_epochs=1",
-            "model.net.n_layer=1", "model.net.n_embd=16", "model.net.pool=mean",
-            "scheduler.scheduler.warmup_steps=2", *QUIET, cwd=tmp_path, env=ONE_THREAD)
+    run_cli(
+        "train.py",
+        "experiment=digits_vit",
+        "loss=hinge",
+        "trainer.max_epochs=1",
+        "model.net.n_layer=1",
+        "model.net.n_embd=16",
+        "model.net.pool=mean",
+        "scheduler.scheduler.warmup_steps=2",
+        *QUIET,
+        cwd=tmp_path,
+        env=ONE_THREAD,
+    )
     _check_run(tmp_path, NEEDED)
 
 
 def test_cli_rejects_a_patch_size_that_does_not_divide(tmp_path):
-    proc = run_cli("train.py", "experiment=digits_vit", "model.net.patch_size=3", *QUIET,
-                   cwd=tmp_path, check=False)
+    proc = run_cli(
+        "train.py",
+        "experiment=digits_vit",
+        "model.net.patch_size=3",
+        *QUIET,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "patch_size" in proc.stderr and "Traceback" not in proc.stderr

@@ -16,12 +16,17 @@ from bigmodel.data.image import random_crop, random_hflip, split_indices
 from bigmodel.errors import UserError
 from tests.conftest import run_cli, run_dirs
 
-QUIET = ["extras.print_config=false", "callbacks.rich_progress_bar=null",
-         "callbacks.rich_model_summary=null", "trainer.num_sanity_val_steps=0"]
+QUIET = [
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+    "trainer.num_sanity_val_steps=0",
+]
 
 
-def write_image_folder(root, classes=("cat", "dog", "eel"), per_class=12, splits=("train",),
-                       seed=0):
+def write_image_folder(
+    root, classes=("cat", "dog", "eel"), per_class=12, splits=("train",), seed=0
+):
     """Class c is a bright square at a class-specific corner; sizes, formats and modes vary."""
     rng = np.random.default_rng(seed)
     for split in splits:
@@ -61,8 +66,9 @@ def test_digits_split_is_stratified_and_seeded():
 
 def test_image_folder_with_seeded_split(tmp_path):
     write_image_folder(tmp_path)
-    dm = ImageDataModule(source="folder", root=str(tmp_path), image_size=16, val_fraction=0.25,
-                         test_fraction=0.25)
+    dm = ImageDataModule(
+        source="folder", root=str(tmp_path), image_size=16, val_fraction=0.25, test_fraction=0.25
+    )
     dm.setup()
     assert dm.classes == ["cat", "dog", "eel"]
     assert dm.channels == 3  # the JPEGs are RGB
@@ -96,8 +102,14 @@ def test_image_folder_bad_input(tmp_path):
     bad.write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
     with pytest.raises(UserError, match=r"broken\.png.*data\.on_bad_file=skip"):
         ImageDataModule(source="folder", root=str(tmp_path), image_size=8).setup()
-    dm = ImageDataModule(source="folder", root=str(tmp_path), image_size=8, on_bad_file="skip",
-                         val_fraction=0.34, test_fraction=0.0)
+    dm = ImageDataModule(
+        source="folder",
+        root=str(tmp_path),
+        image_size=8,
+        on_bad_file="skip",
+        val_fraction=0.34,
+        test_fraction=0.0,
+    )
     dm.setup()
     assert sum(len(dm.data[s][1]) for s in ("train", "val")) == 6
     bad.unlink()
@@ -151,20 +163,34 @@ def test_cifar10_pickles(tmp_path):
     base.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        d = {b"data": rng.integers(0, 256, (20, 3072)).astype(np.uint8),
-             b"labels": list(rng.integers(0, 10, 20)), b"batch_label": name.encode()}
-        pickle.dump(d, open(base / name, "wb"))
-    names = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse",
-             b"ship", b"truck"]
-    pickle.dump({b"label_names": names}, open(base / "batches.meta", "wb"))
-    dm = ImageDataModule(source="cifar10", root=str(tmp_path), val_fraction=0.1, test_fraction=0.0,
-                         image_size=16)
+        d = {
+            b"data": rng.integers(0, 256, (20, 3072)).astype(np.uint8),
+            b"labels": list(rng.integers(0, 10, 20)),
+            b"batch_label": name.encode(),
+        }
+        (base / name).write_bytes(pickle.dumps(d))
+    names = [
+        b"airplane",
+        b"automobile",
+        b"bird",
+        b"cat",
+        b"deer",
+        b"dog",
+        b"frog",
+        b"horse",
+        b"ship",
+        b"truck",
+    ]
+    (base / "batches.meta").write_bytes(pickle.dumps({b"label_names": names}))
+    dm = ImageDataModule(
+        source="cifar10", root=str(tmp_path), val_fraction=0.1, test_fraction=0.0, image_size=16
+    )
     dm.setup()
     assert dm.classes[0] == "airplane" and dm.classes[-1] == "truck"
     assert len(dm.data["test"][1]) == 20
     assert dm.data["train"][0].shape[1:] == (3, 16, 16)  # resized from 32
     # a pickle that would run code is refused
-    pickle.dump({b"data": print}, open(base / "test_batch", "wb"))
+    (base / "test_batch").write_bytes(pickle.dumps({b"data": print}))
     with pytest.raises(UserError, match="refusing to load"):
         ImageDataModule(source="cifar10", root=str(tmp_path)).setup()
     (base / "test_batch").unlink()
@@ -189,16 +215,36 @@ def test_augmentation_ops():
 
 def test_cli_image_folder_trains_and_rejects_bad_data(tmp_path):
     write_image_folder(tmp_path / "imgs", per_class=10)
-    run_cli("train.py", "data=image_folder", f"data.root={tmp_path / 'imgs'}", "data.image_size=16",
-            "model=cnn", "model.net.widths=[8,16]", "loss=cross_entropy", "scheduler=none",
-            "trainer.max_steps=-1", "trainer.max_epochs=1", "trainer.val_check_interval=1.0",
-            "trainer.check_val_every_n_epoch=1",
-            "callbacks.text_sample=null", "callbacks.throughput.length_fn=null", *QUIET,
-            cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    run_cli(
+        "train.py",
+        "data=image_folder",
+        f"data.root={tmp_path / 'imgs'}",
+        "data.image_size=16",
+        "model=cnn",
+        "model.net.widths=[8,16]",
+        "loss=cross_entropy",
+        "scheduler=none",
+        "trainer.max_steps=-1",
+        "trainer.max_epochs=1",
+        "trainer.val_check_interval=1.0",
+        "trainer.check_val_every_n_epoch=1",
+        "callbacks.text_sample=null",
+        "callbacks.throughput.length_fn=null",
+        *QUIET,
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     (run,) = run_dirs(tmp_path)
     assert (run / "confusion_matrix.png").is_file()
     (tmp_path / "imgs" / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8\xffjunk")
-    proc = run_cli("train.py", "data=image_folder", f"data.root={tmp_path / 'imgs'}", "model=cnn",
-                   *QUIET, cwd=tmp_path, check=False)
+    proc = run_cli(
+        "train.py",
+        "data=image_folder",
+        f"data.root={tmp_path / 'imgs'}",
+        "model=cnn",
+        *QUIET,
+        cwd=tmp_path,
+        check=False,
+    )
     assert proc.returncode == 2
     assert "bad.jpg" in proc.stderr and "Traceback" not in proc.stderr

@@ -15,8 +15,12 @@ from bigmodel.run import build_task
 from bigmodel.tasks.regression import regression_metrics
 from tests.conftest import compose_config, run_cli, run_dirs
 
-QUIET = ["extras.print_config=false", "callbacks.rich_progress_bar=null",
-         "callbacks.rich_model_summary=null", "trainer.num_sanity_val_steps=0"]
+QUIET = [
+    "extras.print_config=false",
+    "callbacks.rich_progress_bar=null",
+    "callbacks.rich_model_summary=null",
+    "trainer.num_sanity_val_steps=0",
+]
 
 
 def test_metrics_equal_sklearn_on_fixed_predictions():
@@ -41,24 +45,36 @@ def test_data_is_seeded_and_split():
     assert torch.equal(a.data["test"][1], b.data["test"][1])
     assert not torch.equal(a.data["train"][0], c.data["train"][0])
     assert [len(a.data[s][0]) for s in ("train", "val", "test")] == [2800, 400, 800]
-    assert a.data["train"][1].shape == (2800, 10) and a.net_kwargs == {"in_features": 10,
-                                                                       "out_features": 10}
+    assert a.data["train"][1].shape == (2800, 10) and a.net_kwargs == {
+        "in_features": 10,
+        "out_features": 10,
+    }
     assert a.noise_floor == pytest.approx(0.01)
     with pytest.raises(UserError, match="val_fraction"):
         RegressionDataModule(n_samples=10, val_fraction=0.01)
 
 
 def test_cli_regression_reproduces_the_introductory_example(tmp_path):
-    run_cli("train.py", "experiment=regression", "trainer.max_epochs=3", *QUIET, cwd=tmp_path,
-            env={"OMP_NUM_THREADS": "1"})
+    run_cli(
+        "train.py",
+        "experiment=regression",
+        "trainer.max_epochs=3",
+        *QUIET,
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     (run,) = run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"test/mse", "test/mae", "test/r2", "val/mse", "val/r2", "train/loss"} <= set(metrics)
     assert metrics["test/mse"] < 1.0  # below the variance of the standardised targets
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     shapes = {k: tuple(v.shape) for k, v in state["state_dict"].items()}
-    assert shapes == {"net.layers.0.weight": (20, 10), "net.layers.0.bias": (20,),
-                      "net.layers.2.weight": (10, 20), "net.layers.2.bias": (10,)}
+    assert shapes == {
+        "net.layers.0.weight": (20, 10),
+        "net.layers.0.bias": (20,),
+        "net.layers.2.weight": (10, 20),
+        "net.layers.2.bias": (10,),
+    }
     cfg = state["bigmodel"]["config"]
     assert cfg["optimizer"]["_target_"] == "torch.optim.Adam" and cfg["optimizer"]["lr"] == 0.001
     assert cfg["loss"]["_target_"] == "torch.nn.MSELoss"

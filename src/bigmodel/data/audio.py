@@ -33,7 +33,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from bigmodel.data.image import check_classes, check_common, class_folders, handle_bad_file, split_indices
+from bigmodel.data.image import (
+    check_classes,
+    check_common,
+    class_folders,
+    handle_bad_file,
+    split_indices,
+)
 from bigmodel.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -89,7 +95,8 @@ class ClipFiles(Dataset):
             wave = read_clip(self.files[i], self.sample_rate, self.num_samples)
         except Exception as e:
             raise UserError(
-                f"cannot read audio file {self.files[i]} ({type(e).__name__}: {e}); fix or delete it"
+                f"cannot read audio file {self.files[i]} ({type(e).__name__}: {e}); "
+                "fix or delete it"
             ) from None
         return torch.from_numpy(wave), self.labels[i]
 
@@ -100,8 +107,9 @@ class Espeak:
 
     _instance: Espeak | None = None
     _lock = threading.Lock()
-    CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int,
-                                ctypes.c_void_p)
+    CALLBACK = ctypes.CFUNCTYPE(
+        ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+    )
     RATE, VOLUME, PITCH, RANGE = 1, 2, 3, 4  # espeak_PARAMETER values
 
     def __init__(self) -> None:
@@ -114,8 +122,16 @@ class Espeak:
         self.data_path = espeakng_loader.get_data_path()
         lib = ctypes.CDLL(espeakng_loader.get_library_path())
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
-        lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                     ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+        lib.espeak_Synth.argtypes = [
+            ctypes.c_char_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
         lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         # AUDIO_OUTPUT_SYNCHRONOUS = 2: samples come back through the callback, nothing is played.
         self.sample_rate = lib.espeak_Initialize(2, 0, self.data_path.encode(), 0)
@@ -141,7 +157,9 @@ class Espeak:
 
     def variants(self) -> list[str]:
         """Voice variants (`m3`, `f2`, `klatt`...) shipped with the engine, sorted."""
-        return sorted(p.name for p in (Path(self.data_path) / "voices" / "!v").iterdir() if p.is_file())
+        return sorted(
+            p.name for p in (Path(self.data_path) / "voices" / "!v").iterdir() if p.is_file()
+        )
 
     def say(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int) -> np.ndarray:
         """Speak `text` -> float32 samples in [-1, 1] at self.sample_rate."""
@@ -156,15 +174,21 @@ class Espeak:
             self.lib.espeak_Synth(b, len(b) + 1, 0, 1, 0, 0, None, None)  # POS_CHARACTER = 1
             self.lib.espeak_Synchronize()
             chunks, self._chunks = self._chunks, []
-        return (np.concatenate(chunks) if chunks else np.zeros(1, np.int16)).astype(np.float32) / 32768
+        return (np.concatenate(chunks) if chunks else np.zeros(1, np.int16)).astype(
+            np.float32
+        ) / 32768
 
 
 ACCENTS = ("en", "en-us", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan", "en-us-nyc")
 
 
 def synthesize_spoken_digits(
-    clips_per_class: int, num_speakers: int, sample_rate: int, num_samples: int,
-    snr_db: tuple[float, float], seed: int,
+    clips_per_class: int,
+    num_speakers: int,
+    sample_rate: int,
+    num_samples: int,
+    snr_db: tuple[float, float],
+    seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> waves float32 (N, num_samples), labels (N,), speaker ids (N,). Deterministic in seed.
 
@@ -176,8 +200,11 @@ def synthesize_spoken_digits(
     rng = np.random.default_rng(seed)
     variants = engine.variants()
     speakers = [
-        (f"{ACCENTS[rng.integers(len(ACCENTS))]}+{variants[rng.integers(len(variants))]}",
-         int(rng.integers(120, 200)), int(rng.integers(25, 75)))
+        (
+            f"{ACCENTS[rng.integers(len(ACCENTS))]}+{variants[rng.integers(len(variants))]}",
+            int(rng.integers(120, 200)),
+            int(rng.integers(25, 75)),
+        )
         for _ in range(num_speakers)
     ]
     n = clips_per_class * len(DIGITS)
@@ -186,10 +213,17 @@ def synthesize_spoken_digits(
     spk = rng.integers(0, num_speakers, n)
     for i in range(n):
         voice, rate, pitch = speakers[spk[i]]
-        w = engine.say(DIGITS[labels[i]], voice, rate + int(rng.integers(-25, 26)),
-                       int(np.clip(pitch + rng.integers(-10, 11), 0, 99)), int(rng.integers(20, 80)))
+        w = engine.say(
+            DIGITS[labels[i]],
+            voice,
+            rate + int(rng.integers(-25, 26)),
+            int(np.clip(pitch + rng.integers(-10, 11), 0, 99)),
+            int(rng.integers(20, 80)),
+        )
         w = resample(w, engine.sample_rate, sample_rate)
-        w = w[np.abs(w) > 1e-3].size and w[np.flatnonzero(np.abs(w) > 1e-3)[0]:]  # trim lead silence
+        w = (
+            w[np.abs(w) > 1e-3].size and w[np.flatnonzero(np.abs(w) > 1e-3)[0] :]
+        )  # trim lead silence
         w = np.asarray(w, np.float32)[:num_samples]
         peak = np.abs(w).max() if w.size else 0.0
         w = w / max(peak, 1e-4) * rng.uniform(0.3, 0.9)
@@ -197,7 +231,9 @@ def synthesize_spoken_digits(
         waves[i, offset : offset + len(w)] = w
         power = float(np.mean(w**2)) if w.size else 1e-4
         snr = rng.uniform(*snr_db)
-        waves[i] += rng.normal(0, math.sqrt(power / 10 ** (snr / 10)), num_samples).astype(np.float32)
+        waves[i] += rng.normal(0, math.sqrt(power / 10 ** (snr / 10)), num_samples).astype(
+            np.float32
+        )
     return np.clip(waves, -1, 1), labels, spk
 
 
@@ -233,11 +269,13 @@ class AudioDataModule(L.LightningDataModule):
             raise UserError(f"data.source={source} is not one of: {', '.join(SOURCES)}")
         check_common(batch_size, val_fraction, test_fraction, on_bad_file, split)
         if not isinstance(sample_rate, int) or sample_rate < 1000:
-            raise UserError(f"data.sample_rate={sample_rate} cannot work; use an integer >= 1000 Hz")
+            raise UserError(
+                f"data.sample_rate={sample_rate} cannot work; use an integer >= 1000 Hz"
+            )
         if clip_seconds is None or clip_seconds * sample_rate < 512:
             raise UserError(
-                f"data.clip_seconds={clip_seconds} at {sample_rate} Hz gives fewer than 512 samples; "
-                "use longer clips"
+                f"data.clip_seconds={clip_seconds} at {sample_rate} Hz gives fewer than 512 "
+                "samples; use longer clips"
             )
         if split_by not in ("clip", "speaker"):
             raise UserError(f"data.split_by={split_by} is not one of: clip, speaker")
@@ -263,9 +301,15 @@ class AudioDataModule(L.LightningDataModule):
 
     # --------------------------------------------------------------------------------- sources
     def _spoken_digits(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        params = {"clips_per_class": self.clips_per_class, "num_speakers": self.num_speakers,
-                  "sample_rate": self.sample_rate, "num_samples": self.num_samples,
-                  "snr_db": list(self.snr_db), "seed": self.seed, "version": 1}
+        params = {
+            "clips_per_class": self.clips_per_class,
+            "num_speakers": self.num_speakers,
+            "sample_rate": self.sample_rate,
+            "num_samples": self.num_samples,
+            "snr_db": list(self.snr_db),
+            "seed": self.seed,
+            "version": 1,
+        }
         key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
         f = self.cache_dir / "spoken_digits" / f"{key}.npz" if self.cache_dir else None
         if f is not None and f.is_file():
@@ -275,23 +319,39 @@ class AudioDataModule(L.LightningDataModule):
 
         t0 = time.perf_counter()
         waves, labels, speakers = synthesize_spoken_digits(
-            self.clips_per_class, self.num_speakers, self.sample_rate, self.num_samples,
-            self.snr_db, self.seed,
+            self.clips_per_class,
+            self.num_speakers,
+            self.sample_rate,
+            self.num_samples,
+            self.snr_db,
+            self.seed,
         )
-        log.info(f"spoken_digits: synthesised {len(labels)} clips in {time.perf_counter() - t0:.1f} s")
+        log.info(
+            f"spoken_digits: synthesised {len(labels)} clips in {time.perf_counter() - t0:.1f} s"
+        )
         if f is not None:
             f.parent.mkdir(parents=True, exist_ok=True)
             tmp = f.with_name(f"{f.stem}.{os.getpid()}.tmp.npz")  # atomic: ranks may race
-            np.savez(tmp, waves=np.round(waves * 32767).astype(np.int16), labels=labels,
-                     speakers=speakers)
+            np.savez(
+                tmp,
+                waves=np.round(waves * 32767).astype(np.int16),
+                labels=labels,
+                speakers=speakers,
+            )
             os.replace(tmp, f)
-            return np.round(waves * 32767).astype(np.int16).astype(np.float32) / 32767, labels, speakers
+            return (
+                np.round(waves * 32767).astype(np.int16).astype(np.float32) / 32767,
+                labels,
+                speakers,
+            )
         return waves, labels, speakers
 
     def _folder_files(self) -> dict[str, list[tuple[Path, int]]]:
         root = self.root
         if not root.is_dir():
-            raise UserError(f"data.root={root} is not a folder; point it at DIR with DIR/<label>/*.wav")
+            raise UserError(
+                f"data.root={root} is not a folder; point it at DIR with DIR/<label>/*.wav"
+            )
         layout = {s: root / s for s in SPLITS if (root / s).is_dir()}
         if "train" not in layout:
             layout = {"all": root}
@@ -303,7 +363,9 @@ class AudioDataModule(L.LightningDataModule):
             files[split] = []
             for d in class_folders(folder, "audio clips"):
                 if d.name not in self.classes:
-                    raise UserError(f"{d} is a class that {train_dir} lacks; every class needs training clips")
+                    raise UserError(
+                        f"{d} is a class that {train_dir} lacks; every class needs training clips"
+                    )
                 found = sorted(f for f in d.rglob("*") if f.suffix.lower() in AUDIO_SUFFIXES)
                 if not found and split in ("train", "all"):
                     raise UserError(
@@ -342,11 +404,15 @@ class AudioDataModule(L.LightningDataModule):
                 raise UserError(f"class folder {root / word} holds no .wav clips")
             for f in clips:
                 rel = f"{word}/{f.name}"
-                split = "val" if rel in lists["val"] else "test" if rel in lists["test"] else "train"
+                split = (
+                    "val" if rel in lists["val"] else "test" if rel in lists["test"] else "train"
+                )
                 files[split].append((f, label))
         return files
 
-    def _split_files(self, files: dict[str, list[tuple[Path, int]]]) -> dict[str, list[tuple[Path, int]]]:
+    def _split_files(
+        self, files: dict[str, list[tuple[Path, int]]]
+    ) -> dict[str, list[tuple[Path, int]]]:
         if "all" not in files and "train" in files and all(s in files for s in SPLITS):
             return files
         pool = files.get("all") or files["train"]
@@ -398,8 +464,12 @@ class AudioDataModule(L.LightningDataModule):
 
         with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
             waves = list(pool.map(load, [f for f, _ in files]))
-        keep = [(w, y) for w, (_, y) in zip(waves, files) if w is not None]
-        x = torch.from_numpy(np.stack([w for w, _ in keep])) if keep else torch.zeros(0, self.num_samples)
+        keep = [(w, y) for w, (_, y) in zip(waves, files, strict=True) if w is not None]
+        x = (
+            torch.from_numpy(np.stack([w for w, _ in keep]))
+            if keep
+            else torch.zeros(0, self.num_samples)
+        )
         return x, torch.tensor([y for _, y in keep], dtype=torch.long)
 
     def _check_files(self, files: list[tuple[Path, int]]) -> list[tuple[Path, int]]:
@@ -428,9 +498,13 @@ class AudioDataModule(L.LightningDataModule):
             else:
                 parts = split_indices(labels, fractions, self.seed)
             x, y = torch.from_numpy(waves), torch.from_numpy(labels.astype(np.int64))
-            self.datasets = {s: TensorDataset(x[p], y[p]) for s, p in zip(SPLITS, parts)}
+            self.datasets = {
+                s: TensorDataset(x[p], y[p]) for s, p in zip(SPLITS, parts, strict=True)
+            }
         else:
-            files = self._folder_files() if self.source == "folder" else self._speech_commands_files()
+            files = (
+                self._folder_files() if self.source == "folder" else self._speech_commands_files()
+            )
             files = self._split_files(files)
             self.files = {s: [f for f, _ in fs] for s, fs in files.items()}
             for s in SPLITS:
@@ -438,8 +512,9 @@ class AudioDataModule(L.LightningDataModule):
                     self.datasets[s] = TensorDataset(*self._decode(files[s]))
                 else:
                     ok = self._check_files(files[s])
-                    self.datasets[s] = ClipFiles([f for f, _ in ok], [y for _, y in ok],
-                                                 self.sample_rate, self.num_samples)
+                    self.datasets[s] = ClipFiles(
+                        [f for f, _ in ok], [y for _, y in ok], self.sample_rate, self.num_samples
+                    )
         if self._saved_classes is not None and self._saved_classes != self.classes:
             raise UserError(
                 f"the checkpoint was trained on classes {self._saved_classes}, this data has "
@@ -447,10 +522,14 @@ class AudioDataModule(L.LightningDataModule):
             )
         for s in ("train", "val"):
             if len(self.datasets[s]) == 0:
-                raise UserError(f"the {s} split holds no readable clips; add clips or change the split")
+                raise UserError(
+                    f"the {s} split holds no readable clips; add clips or change the split"
+                )
         sizes = ", ".join(f"{k} {len(v)}" for k, v in self.datasets.items())
-        log.info(f"{self.source}: {len(self.classes)} classes, {self.clip_seconds} s clips at "
-                 f"{self.sample_rate} Hz ({sizes})")
+        log.info(
+            f"{self.source}: {len(self.classes)} classes, {self.clip_seconds} s clips at "
+            f"{self.sample_rate} Hz ({sizes})"
+        )
 
     @property
     def net_kwargs(self) -> dict:
@@ -464,8 +543,11 @@ class AudioDataModule(L.LightningDataModule):
         if len(self.datasets[split]) == 0:
             raise UserError(f"the {split} split is empty; raise data.{split}_fraction or add clips")
         return DataLoader(
-            self.datasets[split], batch_size=self.batch_size, shuffle=shuffle,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 

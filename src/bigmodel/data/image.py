@@ -62,9 +62,7 @@ def class_folders(folder: Path, what: str) -> list[Path]:
         d for d in folder.iterdir() if d.is_dir() and not d.name.startswith((".", "_"))
     )
     if not subdirs:
-        raise UserError(
-            f"{folder} has no class folders; put the {what} in {folder}/<class name>/"
-        )
+        raise UserError(f"{folder} has no class folders; put the {what} in {folder}/<class name>/")
     return subdirs
 
 
@@ -87,8 +85,9 @@ def handle_bad_file(path: Path, err: Exception, on_bad_file: str, kind: str) -> 
     )
 
 
-def check_common(batch_size: int, val_fraction: float, test_fraction: float, on_bad_file: str,
-                 split: str) -> None:
+def check_common(
+    batch_size: int, val_fraction: float, test_fraction: float, on_bad_file: str, split: str
+) -> None:
     if batch_size is None or batch_size <= 0:
         raise UserError(f"data.batch_size must be a positive integer, got {batch_size}")
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
@@ -111,8 +110,12 @@ def load_digits_source() -> tuple[dict[str, Split], list[str]]:
 
     d = load_digits()
     # 17 grey levels (0..16) -> distinct uint8 values, so nothing is lost.
-    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[:, None]  # (N, 1, 8, 8)
-    return {"all": (images, torch.from_numpy(d.target.astype(np.int64)))}, [str(i) for i in range(10)]
+    images = torch.from_numpy(np.round(d.images * (255 / 16)).astype(np.uint8))[
+        :, None
+    ]  # (N, 1, 8, 8)
+    return {"all": (images, torch.from_numpy(d.target.astype(np.int64)))}, [
+        str(i) for i in range(10)
+    ]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -157,13 +160,19 @@ def _find_mnist_file(root: Path, stem: str) -> Path:
 def load_mnist_source(root: Path) -> tuple[dict[str, Split], list[str]]:
     out = {}
     for split, (img_stem, lab_stem) in MNIST_FILES.items():
-        images, labels = read_idx(_find_mnist_file(root, img_stem)), read_idx(_find_mnist_file(root, lab_stem))
+        images, labels = (
+            read_idx(_find_mnist_file(root, img_stem)),
+            read_idx(_find_mnist_file(root, lab_stem)),
+        )
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise UserError(
                 f"MNIST {split} files in {root} disagree: images {images.shape}, labels "
                 f"{labels.shape}; replace them with intact copies"
             )
-        out[split] = (torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels.astype(np.int64)))
+        out[split] = (
+            torch.from_numpy(images.copy())[:, None],
+            torch.from_numpy(labels.astype(np.int64)),
+        )
     return out, [str(i) for i in range(10)]
 
 
@@ -171,9 +180,13 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickle the CIFAR batches (dicts of numpy arrays) without running arbitrary code."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str):
@@ -200,9 +213,9 @@ def load_cifar10_source(root: Path) -> tuple[dict[str, Split], list[str]]:
     missing = [n for ns in names.values() for n in ns if not (base / n).is_file()]
     if missing:
         raise UserError(
-            f"CIFAR-10 batches {', '.join(missing)} not found in {base}; extract the python version "
-            f"of CIFAR-10 (cifar-10-python.tar.gz) into data.root={root}: nothing is downloaded at "
-            "run time"
+            f"CIFAR-10 batches {', '.join(missing)} not found in {base}; extract the python "
+            f"version of CIFAR-10 (cifar-10-python.tar.gz) into data.root={root}: nothing is "
+            "downloaded at run time"
         )
     out = {}
     for split, files in names.items():
@@ -210,7 +223,9 @@ def load_cifar10_source(root: Path) -> tuple[dict[str, Split], list[str]]:
         for n in files:
             d = _load_pickle(base / n)
             if "data" not in d or "labels" not in d:
-                raise UserError(f"{base / n} has no data/labels entries; it is not a CIFAR-10 batch")
+                raise UserError(
+                    f"{base / n} has no data/labels entries; it is not a CIFAR-10 batch"
+                )
             xs.append(np.asarray(d["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
             ys.append(np.asarray(d["labels"], dtype=np.int64))
         out[split] = (torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)))
@@ -224,7 +239,9 @@ def load_cifar10_source(root: Path) -> tuple[dict[str, Split], list[str]]:
 
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(
+        f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    )
 
 
 def load_folder_source(
@@ -273,7 +290,7 @@ def load_folder_source(
     all_files = [f for fs in files.values() for f, _ in fs]
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
-        modes = dict(zip(all_files, pool.map(mode, all_files)))
+        modes = dict(zip(all_files, pool.map(mode, all_files), strict=True))
     if channels is None:  # grayscale only when every image is
         channels = 1 if all(m in GRAY_MODES for m in modes.values() if m is not None) else 3
     if channels not in (1, 3):
@@ -296,7 +313,7 @@ def load_folder_source(
     for split, fs in files.items():
         with ThreadPoolExecutor(workers) as pool:
             arrays = list(pool.map(decode, [f for f, _ in fs]))
-        keep = [(a, y) for a, (_, y) in zip(arrays, fs) if a is not None]
+        keep = [(a, y) for a, (_, y) in zip(arrays, fs, strict=True) if a is not None]
         if split in ("train", "all"):
             empty = sorted(set(range(len(classes))) - {y for _, y in keep})
             if empty:
@@ -304,14 +321,20 @@ def load_folder_source(
                     f"class folder {train_dir / classes[empty[0]]} has no readable images; add "
                     "images or remove the folder"
                 )
-        images = np.stack([a for a, _ in keep]) if keep else np.zeros((0, channels, image_size, image_size), np.uint8)
+        images = (
+            np.stack([a for a, _ in keep])
+            if keep
+            else np.zeros((0, channels, image_size, image_size), np.uint8)
+        )
         labels = np.array([y for _, y in keep], dtype=np.int64)
         out[split] = (torch.from_numpy(images), torch.from_numpy(labels))
     return out, classes, channels
 
 
 # --------------------------------------------------------------------------------- transforms
-def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator | None = None) -> torch.Tensor:
+def random_crop(
+    x: torch.Tensor, padding: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Pad by `padding` (zeros) then crop back to the original size at a random offset per image."""
     B, C, H, W = x.shape
     padded = F.pad(x, (padding,) * 4)  # (B, C, H + 2p, W + 2p)
@@ -364,7 +387,9 @@ class ImageDataModule(L.LightningDataModule):
         if image_size is not None and image_size <= 0:
             raise UserError(f"data.image_size must be a positive integer or null, got {image_size}")
         if source == "folder" and image_size is None:
-            raise UserError("data.image_size must be set for an image folder (images are resized to it)")
+            raise UserError(
+                "data.image_size must be set for an image folder (images are resized to it)"
+            )
         if source != "digits" and not root:
             raise UserError(f"data.root must point at the {source} files (data=... data.root=DIR)")
         if random_crop_padding < 0:
@@ -415,8 +440,10 @@ class ImageDataModule(L.LightningDataModule):
             self.mean = xf.mean(dim=(0, 2, 3)).tolist()
             self.std = xf.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
         sizes = ", ".join(f"{k} {len(v[1])}" for k, v in self.data.items())
-        log.info(f"{self.source}: {len(self.classes)} classes, {self.channels}x{self.image_size}x"
-                 f"{self.image_size} images ({sizes})")
+        log.info(
+            f"{self.source}: {len(self.classes)} classes, {self.channels}x{self.image_size}x"
+            f"{self.image_size} images ({sizes})"
+        )
 
     def make_splits(self, data: dict[str, Split]) -> dict[str, Split]:
         pool = data.get("all") or data["train"]
@@ -432,10 +459,10 @@ class ImageDataModule(L.LightningDataModule):
                 out[s] = (pool[0][i], pool[1][i])
         for s in ("train", "val"):
             if len(out[s][1]) == 0:
-                raise UserError(
-                    f"the {s} split is empty; add images or raise data.val_fraction"
-                )
-        check_classes(sorted({self.classes[int(i)] for i in out["train"][1].unique()}), "the training split")
+                raise UserError(f"the {s} split is empty; add images or raise data.val_fraction")
+        check_classes(
+            sorted({self.classes[int(i)] for i in out["train"][1].unique()}), "the training split"
+        )
         return out
 
     @property
@@ -443,8 +470,11 @@ class ImageDataModule(L.LightningDataModule):
         """What a net needs to know that only the data can tell."""
         if not self.data:
             raise RuntimeError("call setup() first")
-        return {"num_classes": len(self.classes), "in_channels": self.channels,
-                "image_size": self.image_size}
+        return {
+            "num_classes": len(self.classes),
+            "in_channels": self.channels,
+            "image_size": self.image_size,
+        }
 
     # ---------------------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
@@ -461,10 +491,15 @@ class ImageDataModule(L.LightningDataModule):
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
         if len(self.data[split][1]) == 0:
-            raise UserError(f"the {split} split is empty; raise data.{split}_fraction or add images")
+            raise UserError(
+                f"the {split} split is empty; raise data.{split}_fraction or add images"
+            )
         return DataLoader(
-            TensorDataset(*self.data[split]), batch_size=self.batch_size, shuffle=shuffle,
-            num_workers=self.num_workers, pin_memory=self.pin_memory,
+            TensorDataset(*self.data[split]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -485,8 +520,12 @@ class ImageDataModule(L.LightningDataModule):
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        return {"classes": list(self.classes), "mean": self.mean, "std": self.std,
-                "image_size": self.image_size}
+        return {
+            "classes": list(self.classes),
+            "mean": self.mean,
+            "std": self.std,
+            "image_size": self.image_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self._saved_classes = list(state.get("classes") or []) or None
@@ -500,8 +539,8 @@ def resize(images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (N, C, H, W) -> uint8 (N, C, size, size), bilinear with antialiasing, in chunks."""
     out = []
     for chunk in images.split(4096):
-        y = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True,
-                          align_corners=False)
+        y = F.interpolate(
+            chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False
+        )
         out.append(y.round().clamp(0, 255).to(torch.uint8))
     return torch.cat(out) if out else images
-

@@ -53,7 +53,11 @@ class RegressionDataModule(L.LightningDataModule):
         if batch_size is None or batch_size <= 0:
             raise UserError(f"data.batch_size must be a positive integer, got {batch_size}")
         n_val, n_test = int(n_samples * val_fraction), int(n_samples * test_fraction)
-        if not (0 <= val_fraction and 0 <= test_fraction) or n_val < 1 or n_samples - n_val - n_test < 1:
+        if (
+            not (val_fraction >= 0 and test_fraction >= 0)
+            or n_val < 1
+            or n_samples - n_val - n_test < 1
+        ):
             raise UserError(
                 f"data.val_fraction={val_fraction}, test_fraction={test_fraction} leave no "
                 f"train or val samples out of n_samples={n_samples}; change them"
@@ -69,8 +73,14 @@ class RegressionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.data:
             return
-        x, y = make_regression(self.n_samples, self.in_features, self.out_features,
-                               self.teacher_hidden, self.noise, self.seed)
+        x, y = make_regression(
+            self.n_samples,
+            self.in_features,
+            self.out_features,
+            self.teacher_hidden,
+            self.noise,
+            self.seed,
+        )
         a, b = self.n_samples - self.n_val - self.n_test, self.n_samples - self.n_test
         self.data = {"train": (x[:a], y[:a]), "val": (x[a:b], y[a:b]), "test": (x[b:], y[b:])}
 
@@ -84,8 +94,12 @@ class RegressionDataModule(L.LightningDataModule):
         return {"in_features": self.in_features, "out_features": self.out_features}
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(TensorDataset(*self.data[split]), batch_size=self.batch_size,
-                          shuffle=shuffle, num_workers=self.num_workers)
+        return DataLoader(
+            TensorDataset(*self.data[split]),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+        )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -21,10 +21,14 @@ def mel_to_hz(m: torch.Tensor) -> torch.Tensor:
     return 700.0 * (10.0 ** (m / 2595.0) - 1.0)
 
 
-def mel_filterbank(n_freqs: int, n_mels: int, sample_rate: int, f_min: float, f_max: float) -> torch.Tensor:
-    """Triangular filters on the HTK mel scale, (n_freqs, n_mels) (as torchaudio's melscale_fbanks)."""
+def mel_filterbank(
+    n_freqs: int, n_mels: int, sample_rate: int, f_min: float, f_max: float
+) -> torch.Tensor:
+    """Triangular filters on the HTK mel scale -> (n_freqs, n_mels)."""
     all_freqs = torch.linspace(0, sample_rate / 2, n_freqs, dtype=torch.float64)
-    m_pts = torch.linspace(float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2, dtype=torch.float64)
+    m_pts = torch.linspace(
+        float(hz_to_mel(f_min)), float(hz_to_mel(f_max)), n_mels + 2, dtype=torch.float64
+    )
     f_pts = mel_to_hz(m_pts)  # (n_mels + 2,) filter edges in Hz
     f_diff = f_pts[1:] - f_pts[:-1]
     slopes = f_pts[None, :] - all_freqs[:, None]  # (n_freqs, n_mels + 2)
@@ -67,8 +71,13 @@ class LogMel(nn.Module):
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         spec = torch.stft(
-            wave.float(), self.n_fft, self.hop_length, self.win_length, self.window,
-            center=True, return_complex=True,
+            wave.float(),
+            self.n_fft,
+            self.hop_length,
+            self.win_length,
+            self.window,
+            center=True,
+            return_complex=True,
         )  # (B, n_fft // 2 + 1, frames)
         power = spec.real.square() + spec.imag.square()
         mel = torch.einsum("bft,fm->bmt", power, self.fbank)  # (B, n_mels, frames)
@@ -128,7 +137,9 @@ class AudioCNN(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
+            raise ValueError(
+                f"a classifier needs at least 2 classes, got num_classes={num_classes}"
+            )
         self.num_classes = num_classes
         self.features = LogMel(sample_rate, n_fft, win_length, hop_length, n_mels, f_min, f_max)
         self.norm = nn.BatchNorm1d(n_mels)

@@ -32,7 +32,7 @@ class BasicBlock(nn.Module):
 
 
 class ResNetBody(nn.Module):
-    """(B, C, H, W) -> (B, widths[-1]) features: stem, stages (stride 2 after the first), pooling."""
+    """(B, C, H, W) -> (B, widths[-1]): stem, stages (stride 2 after the first), mean pooling."""
 
     def __init__(self, in_channels: int, widths: list[int], blocks_per_stage: int = 1) -> None:
         super().__init__()
@@ -73,7 +73,9 @@ class CNN(nn.Module):
     ) -> None:
         super().__init__()
         if num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
+            raise ValueError(
+                f"a classifier needs at least 2 classes, got num_classes={num_classes}"
+            )
         self.num_classes = num_classes
         self.body = ResNetBody(in_channels, list(widths), blocks_per_stage)
         self.dropout = nn.Dropout(dropout)

@@ -45,7 +45,9 @@ class ViTConfig:
         if self.pool not in ("cls", "mean"):
             raise ValueError(f"model.net.pool={self.pool} is not one of: cls, mean")
         if self.num_classes < 2:
-            raise ValueError(f"a classifier needs at least 2 classes, got num_classes={self.num_classes}")
+            raise ValueError(
+                f"a classifier needs at least 2 classes, got num_classes={self.num_classes}"
+            )
 
 
 class SelfAttention(nn.Module):
@@ -60,7 +62,9 @@ class SelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0
+        )
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
 
@@ -95,7 +99,9 @@ class ViT(nn.Module):
         self.num_classes = cfg.num_classes
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
         # A strided conv is the patch embedding: each patch_size x patch_size patch -> one token.
-        self.patch_embed = nn.Conv2d(cfg.in_channels, cfg.n_embd, cfg.patch_size, stride=cfg.patch_size)
+        self.patch_embed = nn.Conv2d(
+            cfg.in_channels, cfg.n_embd, cfg.patch_size, stride=cfg.patch_size
+        )
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.n_embd)) if cfg.pool == "cls" else None
         n_tokens = n_patches + (1 if cfg.pool == "cls" else 0)
         self.pos_embed = nn.Parameter(torch.randn(1, n_tokens, cfg.n_embd) * 0.02)

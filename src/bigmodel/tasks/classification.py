@@ -130,7 +130,7 @@ class Classifier(Task):
 
 
 def confusion_figure(cm: torch.Tensor, names: list[str]):
-    """A matplotlib figure of the confusion matrix: counts, rows = true class, columns = predicted."""
+    """The confusion matrix as a matplotlib figure: counts, rows = true, columns = predicted."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -149,8 +149,15 @@ def confusion_figure(cm: torch.Tensor, names: list[str]):
         for i in range(k):
             for j in range(k):
                 v = int(cm[i, j])
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
-                        color="white" if v > top / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(v),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color="white" if v > top / 2 else "black",
+                )
     acc = cm.diag().sum().item() / max(1, cm.sum().item())
     ax.set_title(f"confusion matrix (accuracy {acc:.2%})")
     fig.tight_layout()

@@ -16,16 +16,18 @@ from bigmodel.tasks.base import Task
 
 
 def regression_metrics() -> MetricCollection:
-    return MetricCollection({
-        "mse": MeanSquaredError(),
-        "mae": MeanAbsoluteError(),
-        "r2": R2Score(multioutput="uniform_average"),
-    })
+    return MetricCollection(
+        {
+            "mse": MeanSquaredError(),
+            "mae": MeanAbsoluteError(),
+            "r2": R2Score(multioutput="uniform_average"),
+        }
+    )
 
 
 class Regressor(Task):
     """Args:
-        loss: a module mapping (predictions, targets) to a scalar; MSE by default.
+    loss: a module mapping (predictions, targets) to a scalar; MSE by default.
     """
 
     def __init__(
