@@ -35,8 +35,10 @@ def test_metrics_equal_sklearn_on_fixed_predictions():
     logits = torch.randn(n, k, generator=g)
     logits[torch.arange(n), y] += 1.0  # better than chance, not perfect
     logits[:, 3] -= 10.0  # class 3 never predicted: zero precision, as sklearn counts it
+    logits[:20] = torch.nn.functional.one_hot(y[:20], k) * 100.0  # a first batch all correct
     m = classification_metrics(k)
-    m.update(logits, y)
+    for i in range(0, n, 20):  # accumulated over batches, as in an epoch
+        m.update(logits[i : i + 20], y[i : i + 20])
     got = {name: float(v) for name, v in m.compute().items()}
     pred, yt = logits.argmax(1).numpy(), y.numpy()
     assert got["acc"] == pytest.approx(skm.accuracy_score(yt, pred), abs=1e-6)
@@ -83,7 +85,12 @@ def test_confusion_matrix_png_and_counts_match_sklearn(tmp_path):
         pred = net(xb).argmax(1)
     want = skm.confusion_matrix(y.numpy(), pred.numpy(), labels=list(range(10)))
     assert np.array_equal(task.confusion.numpy(), want)
-    assert res["test/acc"] == pytest.approx(skm.accuracy_score(y.numpy(), pred.numpy()), abs=1e-6)
+    yt, yp = y.numpy(), pred.numpy()
+    assert res["test/acc"] == pytest.approx(skm.accuracy_score(yt, yp), abs=1e-6)
+    for name, fn in (("precision", skm.precision_score), ("recall", skm.recall_score),
+                     ("f1", skm.f1_score)):
+        want_m = fn(yt, yp, average="macro", zero_division=0)
+        assert res[f"test/{name}"] == pytest.approx(want_m, abs=1e-6), name
     png = tmp_path / "confusion_matrix.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = (tmp_path / "confusion_matrix.csv").read_text().splitlines()

@@ -37,7 +37,9 @@ def classification_metrics(num_classes: int) -> MetricCollection:
     }
     if num_classes > 5:
         metrics["acc_top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
-    return MetricCollection(metrics)
+    # No compute groups: torchmetrics forms them from equal states after the first update, and a
+    # first batch where top-1 and top-5 agree would wrongly merge the two accuracies.
+    return MetricCollection(metrics, compute_groups=False)
 
 
 class Classifier(Task):
