@@ -1,25 +1,171 @@
-"""Logger factories where Lightning's own classes need a decision made first."""
+"""Logger factories where Lightning's own classes need a decision made first, and secret hygiene."""
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import re
+import secrets
+import string
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
 log = logging.getLogger("bigmodel")
 
+# The run directory keeps its W&B run id here; a run resumed from one of its checkpoints (or in
+# the same directory) continues the same W&B run.
+WANDB_ID_FILE = "wandb_id.txt"
 
-def wandb_logger(**kwargs) -> WandbLogger:
-    """A W&B logger that runs online when WANDB_API_KEY is set and offline otherwise.
 
-    Offline runs are written under `save_dir`/wandb and can be uploaded later with `wandb sync`.
+# ------------------------------------------------------------------------------------ secrets
+# names that end in a credential word: api_key, WANDB_API_KEY, hf_token, MLFLOW_TRACKING_PASSWORD
+# (not max_new_tokens or tokenizer)
+_SECRET_NAME = re.compile(
+    r"(^|[_.-])(api_?key|access_?token|token|secret(_access)?(_?key)?|password|passwd|"
+    r"credentials?|private_?key)$",
+    re.IGNORECASE,
+)
+_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)(?P<pw>[^@\s/]+)(?=@)", re.I)
+REDACTED = "***"
+
+
+def secret_values() -> list[str]:
+    """Values of environment variables that hold credentials (WANDB_API_KEY, HF_TOKEN, ...)."""
+    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8]
+
+
+def redact(value: Any, secrets: Sequence[str] | None = None) -> Any:
+    """A copy of plain config data with credentials replaced by `***`.
+
+    Keys that name a credential (api_key, token, password, ...), passwords in URLs, and any
+    credential from the environment found inside a string are masked.
     """
-    offline = not os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_MODE") == "offline"
-    kwargs.setdefault("offline", offline)
+    secrets = secret_values() if secrets is None else secrets
+    if isinstance(value, dict):
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) and v not in (None, "")
+            else redact(v, secrets)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact(v, secrets) for v in value)
+    if isinstance(value, str):
+        value = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, value)
+        for s in secrets:
+            value = value.replace(s, REDACTED)
+    return value
+
+
+# --------------------------------------------------------------------------------------- W&B
+def _hydra() -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def _sweep_group(hc: Any) -> str | None:
+    """In a multirun: the Optuna study's name, else the sweep directory's name."""
+    from hydra.types import RunMode
+
+    if hc is None or hc.mode != RunMode.MULTIRUN:
+        return None
+    return hc.sweeper.get("study_name") or Path(str(hc.sweep.dir)).name
+
+
+def _resumed_run_dir(ckpt_path: str | None, log_dir: str | None, task_name: str) -> Path | None:
+    if not ckpt_path:
+        return None
+    from bigmodel.run import resolve_ckpt_path
+
+    path = resolve_ckpt_path(ckpt_path, log_dir, task_name)
+    # <run dir>/checkpoints/<name>.ckpt
+    return Path(path).resolve().parent.parent if path else None
+
+
+def wandb_run_id(save_dir: Path, resumed_dir: Path | None) -> str:
+    """This run directory's W&B id: its own, the resumed run's, or a new one (then kept)."""
+    for d in (save_dir, resumed_dir):
+        if d is not None and (d / WANDB_ID_FILE).is_file():
+            run_id = (d / WANDB_ID_FILE).read_text().strip()
+            break
+    else:
+        alphabet = string.ascii_lowercase + string.digits  # W&B's own id alphabet
+        run_id = "".join(secrets.SystemRandom().choices(alphabet, k=8))
+    save_dir.mkdir(parents=True, exist_ok=True)
+    (save_dir / WANDB_ID_FILE).write_text(run_id + "\n")
+    return run_id
+
+
+_offline_runs: list[str] = []
+
+
+def _print_sync_commands() -> None:
+    for pattern in _offline_runs:
+        print(f"W&B ran offline; upload the run with: wandb sync {pattern}", flush=True)
+
+
+def wandb_logger(
+    save_dir: str,
+    project: str = "bigmodel",
+    name: str | None = None,
+    group: str | None = None,
+    tags: Sequence[str] | None = None,
+    log_model: bool | str = False,
+    ckpt_path: str | None = None,
+    log_dir: str | None = None,
+    task_name: str = "train",
+    **kwargs: Any,
+) -> WandbLogger:
+    """A W&B logger: online when WANDB_API_KEY is set, offline otherwise.
+
+    WANDB_MODE=offline forces offline; WANDB_MODE=online (a `wandb login` key) and runs started
+    by a W&B sweep agent (WANDB_SWEEP_ID) are online.
+
+    Names the run after its directory (a sweep trial: `<study>-<trial>`), groups it by sweep or
+    experiment, and keeps its W&B id in the run directory so that resuming the run from one of
+    its checkpoints continues the same W&B run. Offline runs are written under
+    `<run dir>/wandb/`; the `wandb sync` command to upload them is printed when the process ends.
+    """
+    mode = os.environ.get("WANDB_MODE", "")
+    wants = bool(os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_SWEEP_ID"))
+    online = mode == "online" or (wants and mode not in ("offline", "disabled", "dryrun"))
+    kwargs.setdefault("offline", not online)
+    out = Path(save_dir)
+    hc = _hydra()
+    sweep = _sweep_group(hc)
+    if group is None:
+        experiment = hc.runtime.choices.get("experiment") if hc is not None else None
+        group = sweep or experiment or task_name
+    if name is None:
+        name = f"{sweep}-{hc.job.num}" if sweep else out.name
+    run_id = wandb_run_id(out, _resumed_run_dir(ckpt_path, log_dir, task_name))
     if kwargs["offline"]:
-        log.info(
-            "W&B runs offline (no WANDB_API_KEY); upload later with: "
-            f"wandb sync {kwargs.get('save_dir', '.')}/wandb/offline-run-*"
-        )
-    return WandbLogger(**kwargs)
+        if not _offline_runs:
+            atexit.register(_print_sync_commands)
+        _offline_runs.append(f"{out}/wandb/offline-run-*-{run_id}")
+        log.info(f"W&B runs offline (no WANDB_API_KEY, or WANDB_MODE=offline): {out}/wandb")
+    return WandbLogger(
+        save_dir=str(out), project=project, name=name, group=group, tags=list(tags or []),
+        log_model=log_model, id=run_id, resume="allow", **kwargs,
+    )
+
+
+# ------------------------------------------------------------------------------------ MLflow
+def mlflow_logger(tracking_uri: str, **kwargs: Any) -> MLFlowLogger:
+    """An MLflow logger; a local `file:` store (mlruns) needs no server: `mlflow ui` reads it.
+
+    MLflow 3 keeps its file store working but asks for an opt-in (MLFLOW_ALLOW_FILE_STORE); a
+    local store is this template's default, so it opts in unless told otherwise. Any other
+    tracking URI (sqlite:///..., http://server) is used as given.
+    """
+    if tracking_uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    hc = _hydra()
+    if kwargs.get("run_name") is None and hc is not None:
+        sweep = _sweep_group(hc)
+        kwargs["run_name"] = f"{sweep}-{hc.job.num}" if sweep else Path(hc.runtime.output_dir).name
+    return MLFlowLogger(tracking_uri=tracking_uri, **kwargs)

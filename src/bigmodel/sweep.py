@@ -53,9 +53,9 @@ from bigmodel.errors import UserError
 log = logging.getLogger("bigmodel")
 
 DB_NAME = "optuna.db"
-# user attributes of a trial: why it failed (counted against n_trials), or that it was cut off by
-# an interrupted sweep (not counted: the trial is owed again)
-ERROR, INTERRUPTED = "error", "interrupted"
+# user attribute of a trial that failed of its own making (raised, NaN): it counts against
+# n_trials. A FAIL without it was cut off by an interrupted or killed sweep: it is owed again.
+ERROR = "error"
 # study user attribute: the task overrides the study was started with
 OVERRIDES = "overrides"
 
@@ -150,6 +150,10 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
     )
+
+
+def interrupted(trial: FrozenTrial) -> bool:
+    return trial.state == TrialState.FAIL and ERROR not in trial.user_attrs
 
 
 def counted(trial: FrozenTrial) -> bool:
@@ -265,7 +269,6 @@ class OptunaSweep:
         optuna.storages.fail_stale_trials(study)
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
             if t.number in before:
-                self.storage.set_trial_user_attr(t._trial_id, INTERRUPTED, True)
                 log.warning(f"trial {t.number} was cut off by an earlier, killed sweep; owed again")
 
     # ------------------------------------------------------------------ trials
@@ -310,9 +313,7 @@ class OptunaSweep:
     def interrupt(self, study: optuna.Study, batch: list[optuna.Trial]) -> None:
         for trial in batch:
             with contextlib.suppress(Exception):
-                if study._storage.get_trial(trial._trial_id).state == TrialState.RUNNING:
-                    trial.set_user_attr(INTERRUPTED, True)
-                    study.tell(trial, state=TrialState.FAIL)
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
 
     # ------------------------------------------------------------------ loop
     def run(self, arguments: list[str]) -> dict[str, Any] | None:
@@ -423,7 +424,7 @@ def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
             w.writerow([
                 t.number, t.state.name, "" if t.value is None else t.value,
                 *[t.params.get(n, "") for n in names], t.user_attrs.get(ERROR, ""),
-                t.user_attrs.get(INTERRUPTED, ""), t.last_step if t.last_step is not None else "",
+                interrupted(t) or "", t.last_step if t.last_step is not None else "",
                 t.datetime_start or "", t.datetime_complete or "", duration,
             ])
 
