@@ -191,10 +191,9 @@ def heartbeats(storage, trial_ids: list[int], interval: int | None) -> Iterator[
 # ----------------------------------------------------------------------------------- sweep
 @dataclass
 class SweepSettings:
-    """`hydra.sweeper.*` (see hydra_plugins/bigmodel_optuna_sweeper/config.py)."""
+    """`hydra.sweeper.*` (see hydra_plugins/bigmodel_optuna_sweeper/config.py); the sampler and
+    pruner are built from the config by the sweep (and by each trial, for the pruner)."""
 
-    sampler: Any
-    pruner: Any
     direction: str
     storage: str | None
     study_name: str | None

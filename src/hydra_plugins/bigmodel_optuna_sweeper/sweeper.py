@@ -13,7 +13,10 @@ from .config import BigmodelOptunaSweeperConf  # noqa: F401  (registers the conf
 
 class BigmodelOptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
-        settings.pop("defaults", None)
+        # Hydra hands over the sampler and pruner already built; the sweep rebuilds them from
+        # hydra.sweeper in the config (a resumed study reseeds its sampler)
+        for key in ("defaults", "sampler", "pruner"):
+            settings.pop(key, None)
         self.settings = settings
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
