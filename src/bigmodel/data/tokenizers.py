@@ -107,7 +107,8 @@ class TokenizerPair:
         self.vocab_size = self.tgt.vocab_size
 
     @classmethod
-    def train(cls, src_texts: list[str], tgt_texts: list[str], vocab_size: int, shared: bool = True):
+    def train(cls, src_texts: list[str], tgt_texts: list[str], vocab_size: int,
+              shared: bool = True) -> TokenizerPair:
         if shared:
             return cls(BPETokenizer.train(src_texts + tgt_texts, vocab_size, cls.SPECIALS))
         return cls(BPETokenizer.train(src_texts, vocab_size, cls.SPECIALS),
@@ -144,7 +145,9 @@ def tokenizer_from_dict(state: dict) -> CharTokenizer | BPETokenizer | Tokenizer
     if kind == "pair":
         tgt = tokenizer_from_dict(state["tgt"]) if "tgt" in state else None
         return TokenizerPair(tokenizer_from_dict(state["src"]), tgt)
-    raise UserError(f"unknown tokenizer type {kind!r} in checkpoint; expected 'char', 'bpe' or 'pair'")
+    raise UserError(
+        f"unknown tokenizer type {kind!r} in checkpoint; expected 'char', 'bpe' or 'pair'"
+    )
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:

@@ -1,0 +1,296 @@
+"""Text for language modelling: sources, tokenization, a token-id cache and window sampling."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from bigmodel.errors import UserError
+
+SPLITS = ("train", "val", "test")
+TEXT_SUFFIXES = {".txt", ".md", ".text"}
+HF_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
+
+
+def embedded_corpus() -> str:
+    """English prose that ships with every CPython: the help topics of `pydoc_data`."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def resolve_files(path: str) -> list[Path]:
+    """A file, a directory (its .txt/.md files and HF data files, recursively) or a glob."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [p]
+    if p.is_dir():
+        suffixes = TEXT_SUFFIXES | set(HF_SUFFIXES)
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
+        if not files:
+            raise UserError(f"data.path={path} is a folder with no .txt/.md/.parquet/.json files")
+        return files
+    files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
+    if not files:
+        raise UserError(
+            f"data.path={path} does not exist (no file, folder or glob match); "
+            "point data.path at a text file, a folder of .txt files or a glob like 'corpus/*.txt'"
+        )
+    return files
+
+
+def read_files(files: list[Path], text_column: str) -> str:
+    """Concatenate documents; HF data files (parquet/json/csv) contribute their `text_column`."""
+    parts: list[str] = []
+    for f in files:
+        fmt = HF_SUFFIXES.get(f.suffix)
+        if fmt is None:
+            parts.append(f.read_text(encoding="utf-8", errors="replace"))
+            continue
+        try:
+            import datasets
+        except ImportError as e:  # pragma: no cover - depends on the install
+            raise UserError(f"reading {f} needs HF datasets: pip install -e '.[hf]'") from e
+        ds = datasets.load_dataset(fmt, data_files=str(f), split="train")
+        if text_column not in ds.column_names:
+            raise UserError(
+                f"{f} has no column {text_column!r} (columns: {ds.column_names}); "
+                "set data.text_column to the column that holds the text"
+            )
+        parts.extend(str(t) for t in ds[text_column] if t)
+    return "\n\n".join(parts)
+
+
+class RandomWindows(Dataset):
+    """Window i is a (block_size + 1)-token slice at a random offset fixed by (seed, epoch).
+
+    Returns (x, y) with y shifted by one: the next-token targets.
+    """
+
+    def __init__(self, tokens: np.ndarray, block_size: int, num_windows: int, seed: int) -> None:
+        self.tokens, self.block_size, self.num_windows, self.seed = tokens, block_size, num_windows, seed
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        high = len(self.tokens) - self.block_size - 1
+        self.offsets = torch.randint(0, high + 1, (self.num_windows,), generator=g)
+
+    def __len__(self) -> int:
+        return self.num_windows
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        o = int(self.offsets[i])
+        chunk = torch.from_numpy(self.tokens[o : o + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class StridedWindows(Dataset):
+    """Deterministic, non-overlapping windows for evaluation: every token scored once."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, max_windows: int | None = None) -> None:
+        self.tokens, self.block_size = tokens, block_size
+        n = (len(tokens) - 1) // block_size
+        self.n = n if max_windows is None else min(n, max_windows)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        o = i * self.block_size
+        chunk = torch.from_numpy(self.tokens[o : o + self.block_size + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class ResumableSampler(Sampler[int]):
+    """Sequential indices into a dataset that reshuffles itself each epoch, able to start mid-epoch.
+
+    Lightning calls `set_epoch`; the data module sets `skip` when resuming from a checkpoint so the
+    resumed run sees exactly the batches the interrupted one had not yet seen.
+    """
+
+    def __init__(self, dataset: RandomWindows) -> None:
+        self.dataset, self.skip = dataset, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset) - self.skip
+
+    def __iter__(self):
+        start, self.skip = self.skip, 0
+        return iter(range(start, len(self.dataset)))
+
+
+class TextDataModule(L.LightningDataModule):
+    """Language-modelling data: text -> tokenizer -> cached token ids -> (x, y) windows.
+
+    The text is split contiguously into train / val / test by `splits`; the tokenizer is trained
+    on the training text (the char vocabulary covers the whole corpus so no id is unknown).
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        text_column: str = "text",
+        tokenizer: str = "char",
+        vocab_size: int = 2048,
+        block_size: int = 64,
+        batch_size: int = 12,
+        splits: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        max_eval_windows: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        cache_dir: str | None = None,
+        seed: int = 1337,
+        split: str = "test",
+    ) -> None:
+        super().__init__()
+        if batch_size is None or batch_size <= 0:
+            raise UserError(f"data.batch_size must be a positive integer, got {batch_size}")
+        if block_size is None or block_size <= 0:
+            raise UserError(f"the block size must be a positive integer, got {block_size}")
+        if tokenizer not in ("char", "bpe"):
+            raise UserError(f"data.tokenizer={tokenizer} is not one of: char, bpe")
+        if len(splits) != 3 or min(splits) < 0 or splits[0] <= 0 or abs(sum(splits) - 1) > 1e-6:
+            raise UserError(f"data.splits={list(splits)} must be 3 fractions >= 0 summing to 1")
+        if split not in SPLITS:
+            raise UserError(f"data.split={split} is not one of {', '.join(SPLITS)}")
+        self.path, self.text_column, self.tokenizer_kind = path, text_column, tokenizer
+        self.bpe_vocab_size, self.block_size, self.batch_size = vocab_size, block_size, batch_size
+        self.splits, self.max_eval_windows, self.num_workers = tuple(splits), max_eval_windows, num_workers
+        self.pin_memory, self.seed, self.split = pin_memory, seed, split
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.tokenizer: CharTokenizer | BPETokenizer | None = None
+        self.tokens: dict[str, np.ndarray] = {}
+        self._resume_position: dict | None = None
+        self._train_sampler: ResumableSampler | None = None
+
+    # ----------------------------------------------------------------------------------- text
+    def load_text(self) -> str:
+        text = embedded_corpus() if self.path is None else read_files(resolve_files(self.path), self.text_column)
+        if not text.strip():
+            raise UserError(f"data.path={self.path} holds no text; give it a non-empty corpus")
+        return text
+
+    def split_text(self, text: str) -> dict[str, str]:
+        n, a = len(text), self.splits[0]
+        b = a + self.splits[1]
+        return {"train": text[: int(n * a)], "val": text[int(n * a) : int(n * b)], "test": text[int(n * b) :]}
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokens:  # idempotent: run.py sets up before building the model, Lightning again
+            return
+        text = self.load_text()
+        parts = self.split_text(text)
+        if self.tokenizer is None:
+            if self.tokenizer_kind == "char":
+                self.tokenizer = CharTokenizer.train(text)
+            else:
+                self.tokenizer = BPETokenizer.train(
+                    parts["train"].splitlines(), vocab_size=self.bpe_vocab_size
+                )
+        tok_json = json.dumps(self.tokenizer.to_dict(), sort_keys=True)
+        key = hashlib.sha1(text.encode() + tok_json.encode() + repr(self.splits).encode()).hexdigest()[:16]
+        for name, part in parts.items():
+            self.tokens[name] = self._cached_ids(key, name, part)
+        need = self.block_size + 1
+        for name in ("train", "val"):
+            if len(self.tokens[name]) < need:
+                raise UserError(
+                    f"the {name} split has {len(self.tokens[name])} tokens, fewer than one block "
+                    f"({need}); use a larger corpus, a smaller model.net.block_size, or change "
+                    f"data.splits={list(self.splits)}"
+                )
+
+    def _cached_ids(self, key: str, split: str, text: str) -> np.ndarray:
+        """Token ids of one split, encoded once and memory-mapped from the cache afterwards."""
+        dtype = np.uint16 if self.tokenizer.vocab_size < 2**16 else np.uint32
+        if self.cache_dir is None:
+            return np.asarray(self.tokenizer.encode(text), dtype=dtype)
+        f = self.cache_dir / "tokens" / f"{key}.{split}.bin"
+        if not f.exists():
+            f.parent.mkdir(parents=True, exist_ok=True)
+            ids = np.asarray(self.tokenizer.encode(text), dtype=dtype)
+            tmp = f.with_suffix(f".{os.getpid()}.tmp")  # atomic: ranks may race to write it
+            ids.tofile(tmp)
+            os.replace(tmp, f)
+        if f.stat().st_size == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(f, dtype=dtype, mode="r")
+
+    @property
+    def vocab_size(self) -> int:
+        if self.tokenizer is None:
+            raise RuntimeError("call setup() first: the vocabulary comes from the training text")
+        return self.tokenizer.vocab_size
+
+    @property
+    def net_kwargs(self) -> dict:
+        """What a net needs to know that only the data can tell."""
+        return {"vocab_size": self.vocab_size}
+
+    # ---------------------------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> DataLoader:
+        tokens = self.tokens["train"]
+        ds = RandomWindows(tokens, self.block_size, max(1, len(tokens) // self.block_size), self.seed)
+        self._train_sampler = sampler = ResumableSampler(ds)
+        if self._resume_position is not None:
+            ds.set_epoch(self._resume_position["epoch"])
+            sampler.skip = self._resume_position["batches"] * self.batch_size
+            self._resume_position = None
+        return self._loader(ds, sampler=sampler, drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.split)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        tokens = self.tokens[split]
+        if len(tokens) < self.block_size + 1:
+            raise UserError(f"the {split} split is shorter than one block; adjust data.splits")
+        return self._loader(StridedWindows(tokens, self.block_size, self.max_eval_windows))
+
+    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    # ---------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict:
+        state = {"tokenizer": self.tokenizer.to_dict()} if self.tokenizer else {}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            # Batches of the current epoch already trained on: a resumed run skips them.
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            state["train_position"] = {"epoch": trainer.current_epoch, "batches": int(done)}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if "tokenizer" in state:
+            restored = tokenizer_from_dict(state["tokenizer"])
+            if self.tokenizer is not None and self.tokenizer.to_dict() != restored.to_dict():
+                raise UserError(
+                    "the checkpoint's tokenizer differs from the one built from this data; "
+                    "resume with the same data config the checkpoint was trained with"
+                )
+            self.tokenizer = restored
+        self._resume_position = state.get("train_position")
