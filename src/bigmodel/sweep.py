@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import shlex
+import signal
 import sys
 import threading
 import traceback
@@ -188,6 +189,24 @@ def heartbeats(storage, trial_ids: list[int], interval: int | None) -> Iterator[
         thread.join()
 
 
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a scheduler's time limit, `kill`) interrupts the sweep as Ctrl-C does, so its
+    running trials are recorded as interrupted and owed again rather than left RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # ----------------------------------------------------------------------------------- sweep
 @dataclass
 class SweepSettings:
@@ -329,7 +348,7 @@ class OptunaSweep:
             f"pruner {type(study.pruner).__name__}; search space: {', '.join(space)}"
         )
         ran = 0
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), sigterm_interrupts():
             # we keep heartbeats ourselves, around ask/tell rather than Study.optimize
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
             while True:
