@@ -123,6 +123,7 @@ def test_wandb_offline_run_mlflow_tensorboard_and_no_leaked_key(tmp_path):
     assert info2.run_id == run_id
 
 
+@pytest.mark.slow
 def test_wandb_group_and_name_in_a_sweep(tmp_path):
     """Trials of a sweep are grouped by the study and named after their trial."""
     run_cli(
