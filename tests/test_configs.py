@@ -15,7 +15,20 @@ from tests.conftest import CONFIGS, compose_config
 # Values a DataModule would supply for `???` net fields, so nets build without loading data.
 NET_FIELDS = {"vocab_size": 64, "num_classes": 10, "in_channels": 1, "image_size": 8,
               "src_vocab_size": 64, "tgt_vocab_size": 64, "in_features": 10, "out_features": 10,
-              "n_mels": 32, "pad_id": 0, "bos_id": 1, "eos_id": 2}
+              "n_mels": 32, "pad_id": 0, "bos_id": 1, "eos_id": 2, "sample_rate": 16000}
+# The data a model or loss option is used with (the text default fits only language models).
+PAIRED = {
+    ("model", "cnn"): ["data=digits"],
+    ("model", "vit"): ["data=digits"],
+    ("model", "audio_cnn"): ["data=spoken_digits"],
+    ("model", "mlp"): ["data=regression"],
+    ("model", "seq2seq"): ["data=translation"],
+    ("loss", "cross_entropy"): ["model=cnn", "data=digits"],
+    ("loss", "hinge"): ["model=cnn", "data=digits"],
+    ("loss", "mse"): ["model=mlp", "data=regression"],
+    ("loss", "l1"): ["model=mlp", "data=regression"],
+    ("loss", "huber"): ["model=mlp", "data=regression"],
+}
 # Groups whose options are composed through `hydra` (sweepers, launchers), not the job config.
 HYDRA_GROUPS = {"hparams_search", "launcher", "hydra"}
 # Folders under configs/ that are not Hydra groups of train.yaml (W&B sweep specs).
@@ -79,7 +92,7 @@ def test_config_composes_and_instantiates(group: str, option: str, tmp_path: Pat
         cfg = compose_config("train", overrides, tmp_path, hydra=True)
         assert cfg is not None
         return
-    overrides = [] if group == "local" else [f"{group}={option}"]
+    overrides = [] if group == "local" else [f"{group}={option}", *PAIRED.get((group, option), [])]
     cfg = compose_config("train", overrides, tmp_path)
     if group == "logger" and option == "mlflow":
         pytest.importorskip("mlflow")
