@@ -354,7 +354,9 @@ def restore(ckpt_path: str, data_overrides: DictConfig | None = None):
         datamodule.load_state_dict(state)
     with open_dict(cfg):
         cfg.optimizer, cfg.scheduler = None, None
-    task = hydra.utils.instantiate(cfg.model)
+    # the loss the model was trained with, so eval reports the same test/loss
+    extra = {"loss": hydra.utils.instantiate(cfg.loss)} if cfg.get("loss") else {}
+    task = hydra.utils.instantiate(cfg.model, **extra)
     try:
         task.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
