@@ -224,7 +224,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
     args = [*TINY_LM, "trainer.max_steps=100000", "trainer.val_check_interval=1000",
-            "trainer.log_every_n_steps=1", "logger.csv.flush_logs_every_n_steps=1", "test=false"]
+            "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1", "test=false"]
     env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -233,7 +233,7 @@ def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
         metrics = None
         while time.monotonic() < deadline and proc.poll() is None:  # wait until steps are logged
             found = list((tmp_path / "logs").rglob("csv/metrics.csv"))
-            if found and found[0].read_text().count("\n") >= 4:
+            if found and found[0].read_text().count("\n") >= 6:
                 metrics = found[0]
                 break
             time.sleep(0.5)
@@ -248,7 +248,7 @@ def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
     assert last.is_file()
     ckpt = torch.load(last, weights_only=True)
     step = ckpt["global_step"]
-    assert 3 <= step < 100000
+    assert 1 <= step < 100000
     assert any(v.get("sigterm") for v in ckpt["callbacks"].values())
     run_cli("train.py", *TINY_LM, "ckpt_path=last", f"trainer.max_steps={step + 3}",
             "test=false", cwd=tmp_path)
