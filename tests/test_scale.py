@@ -256,3 +256,39 @@ def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
     assert len(resumed) == 1
     final = torch.load(resumed[0] / "checkpoints" / "last.ckpt", weights_only=True)
     assert final["global_step"] == step + 3
+
+
+# ------------------------------------------------------------------------------------ GPU
+GPU_STRATEGIES = ["auto", "ddp", "fsdp", "fsdp2", "deepspeed_stage_1", "deepspeed_stage_2",
+                  "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload"]
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("strategy", GPU_STRATEGIES)
+def test_gpu_strategy_trains_the_gpt(strategy, tmp_path):
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    run_cli("train.py", *TINY_DDP, "trainer=gpu", f"strategy={strategy}", "precision=bf16-mixed",
+            "test=false", cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    losses = val_losses(run)
+    assert len(losses) == 2 and losses[1] < losses[0]
+    last = run / "checkpoints" / "last.ckpt"
+    if last.is_dir():  # DeepSpeed: a folder of shards -> one file
+        from bigmodel.convert import convert
+
+        last = convert(last)
+    run_cli("eval.py", f"ckpt_path={last}", "extras.print_config=false", cwd=tmp_path)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
+def test_gpu_precision_trains_the_gpt(precision, tmp_path):
+    run_cli("train.py", *TINY_DDP, "trainer=gpu", f"precision={precision}", "model.compile=true",
+            "test=false", cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    losses = val_losses(run)
+    assert len(losses) == 2 and losses[1] < losses[0]
