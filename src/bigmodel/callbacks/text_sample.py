@@ -35,7 +35,7 @@ class TextSample(L.Callback):
         self.last_sample = text
         step = trainer.global_step
         print(f"\n--- sample at step {step} ---\n{text}\n---", flush=True)
-        if trainer.log_dir:
+        if trainer.default_root_dir:
             with open(Path(trainer.default_root_dir) / "samples.txt", "a", encoding="utf-8") as f:
                 f.write(f"--- step {step} ---\n{text}\n")
         for logger in trainer.loggers:
