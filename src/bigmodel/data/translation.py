@@ -1,4 +1,4 @@
-"""Parallel text for translation: sources, BPE tokenizers, length filtering, length-bucketed batches.
+"""Parallel text for translation: sources, BPE tokenizers, length filtering, bucketed batches.
 
 Three sources, one batch format:
 - `synthetic`: an embedded English -> German corpus generated from a seed (below). Its sentences
@@ -34,7 +34,8 @@ log = logging.getLogger("bigmodel")
 SPLITS = ("train", "val", "test")
 SOURCES = ("synthetic", "files", "hf")
 # Names the split files of HF datasets copies use, per split of ours.
-HF_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val", "dev"), "test": ("test",)}
+HF_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val", "dev"),
+                  "test": ("test",)}
 HF_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 # ===================================================================== the synthetic corpus
@@ -76,13 +77,14 @@ ADJECTIVES = [("small", "klein"), ("big", "groß"), ("red", "rot"), ("green", "g
               ("heavy", "schwer"), ("white", "weiß")]
 # English place; German place and gender (dative after "auf": dem / der).
 PLACES = [("table", "Tisch", "m"), ("shelf", "Regal", "n"), ("bench", "Bank", "f"),
-          ("floor", "Boden", "m"), ("windowsill", "Fensterbank", "f"), ("desk", "Schreibtisch", "m"),
-          ("chair", "Stuhl", "m"), ("cupboard", "Schrank", "m")]
+          ("floor", "Boden", "m"), ("windowsill", "Fensterbank", "f"),
+          ("desk", "Schreibtisch", "m"), ("chair", "Stuhl", "m"), ("cupboard", "Schrank", "m")]
 # English subject, English 3rd-person-singular?; German subject, person key for conjugation.
 SUBJECTS = [("I", False, "ich", "1s"), ("you", False, "du", "2s"), ("he", True, "er", "3s"),
             ("she", True, "sie", "3s"), ("we", False, "wir", "1p"), ("they", False, "sie", "3p"),
             ("my brother", True, "mein Bruder", "3s"), ("my sister", True, "meine Schwester", "3s"),
-            ("the teacher", True, "der Lehrer", "3s"), ("our neighbours", False, "unsere Nachbarn", "3p"),
+            ("the teacher", True, "der Lehrer", "3s"),
+            ("our neighbours", False, "unsere Nachbarn", "3p"),
             ("my parents", False, "meine Eltern", "3p")]
 # English verb (base, 3sg); German forms by person key.
 VERBS = [
@@ -101,11 +103,15 @@ ARRIVE = ("arrive", "arrives", {"1s": "komme", "2s": "kommst", "3s": "kommt", "1
                                 "3p": "kommen"}, "an")
 # English event subject; German subject and verb (prefix of a separable verb, or "").
 EVENTS = [("the train leaves", "der Zug fährt", "ab"), ("the bus leaves", "der Bus fährt", "ab"),
-          ("the film starts", "der Film fängt", "an"), ("the class starts", "der Unterricht fängt", "an"),
-          ("the shop opens", "der Laden macht", "auf"), ("the meeting begins", "das Treffen beginnt", ""),
-          ("the concert ends", "das Konzert endet", ""), ("the ferry arrives", "die Fähre kommt", "an")]
+          ("the film starts", "der Film fängt", "an"),
+          ("the class starts", "der Unterricht fängt", "an"),
+          ("the shop opens", "der Laden macht", "auf"),
+          ("the meeting begins", "das Treffen beginnt", ""),
+          ("the concert ends", "das Konzert endet", ""),
+          ("the ferry arrives", "die Fähre kommt", "an")]
 # Reporting verbs that open a "that" clause: English (base, 3sg); German by person key.
-REPORTS = [("say", "says", {"1s": "sage", "2s": "sagst", "3s": "sagt", "1p": "sagen", "3p": "sagen"}),
+REPORTS = [("say", "says", {"1s": "sage", "2s": "sagst", "3s": "sagt", "1p": "sagen",
+                            "3p": "sagen"}),
            ("think", "thinks", {"1s": "denke", "2s": "denkst", "3s": "denkt", "1p": "denken",
                                 "3p": "denken"}),
            ("know", "knows", {"1s": "weiß", "2s": "weißt", "3s": "weiß", "1p": "wissen",
@@ -167,7 +173,8 @@ class SyntheticTranslation:
         en += f" {en_pl if n > 1 else en_sg}"
         if n == 1:
             art = {"m": "einen" if case == "acc" else "ein", "f": "eine", "n": "ein"}[g]
-            de = art + (f" {adj[1]}{_adj_ending(case, g, False, 'indef')}" if adj else "") + f" {de_sg}"
+            de = art + (f" {adj[1]}{_adj_ending(case, g, False, 'indef')}" if adj else "")
+            de += f" {de_sg}"
         else:
             de = de_number(n) + (f" {adj[1]}{_adj_ending(case, g, True, 'none')}" if adj else "")
             de += f" {de_pl}"
@@ -182,8 +189,9 @@ class SyntheticTranslation:
         if plural:
             art = {"nom": "die", "acc": "die", "dat": "den"}[case]
         else:
-            art = {("nom", "m"): "der", ("acc", "m"): "den", ("dat", "m"): "dem", ("dat", "f"): "der",
-                   ("dat", "n"): "dem"}.get((case, g), {"m": "der", "f": "die", "n": "das"}[g])
+            art = {("nom", "m"): "der", ("acc", "m"): "den", ("dat", "m"): "dem",
+                   ("dat", "f"): "der", ("dat", "n"): "dem"}.get(
+                (case, g), {"m": "der", "f": "die", "n": "das"}[g])
         de = art + (f" {de_number(n)}" if plural else "")
         de += f" {adj[1]}{_adj_ending(case, g, plural, 'def')}" if adj else ""
         de += f" {de_pl if plural else de_sg}"
@@ -313,10 +321,13 @@ def read_parallel_files(root: str, src: str, tgt: str) -> dict[str, list[tuple[s
     for split in SPLITS:
         files = []
         for lang in (src, tgt):
-            found = [p for p in (base / f"{split}.{lang}", base / f"{split}.{lang}.gz") if p.is_file()]
+            names = (f"{split}.{lang}", f"{split}.{lang}.gz")
+            found = [base / n for n in names if (base / n).is_file()]
             if not found:
-                raise UserError(f"{base} has no {split}.{lang} (or {split}.{lang}.gz); parallel data "
-                                f"needs {{train,val,test}}.{{{src},{tgt}}} files, one sentence a line")
+                raise UserError(
+                    f"{base} has no {split}.{lang} (or {split}.{lang}.gz); parallel data needs "
+                    f"{{train,val,test}}.{{{src},{tgt}}} files, one sentence a line"
+                )
             files.append(found[0])
         src_lines, tgt_lines = (_read_lines(f) for f in files)
         if len(src_lines) != len(tgt_lines):
@@ -371,7 +382,8 @@ def read_hf_translation(root: str, src: str, tgt: str, column: str = "translatio
 
 
 # ================================================================================= batches
-def length_buckets(lengths: list[int], batch_size: int, seed: int, pool: int = 100) -> list[list[int]]:
+def length_buckets(lengths: list[int], batch_size: int, seed: int,
+                   pool: int = 100) -> list[list[int]]:
     """Batches of indices of similar length: shuffle, sort within pools of `pool` batches, cut.
 
     Padding shrinks to a few tokens a batch while the batches still mix the whole corpus.
@@ -455,13 +467,14 @@ class TranslationDataModule(L.LightningDataModule):
         if source not in SOURCES:
             raise UserError(f"data.source={source} is not one of: {', '.join(SOURCES)}")
         if source != "synthetic" and not root:
-            raise UserError(f"data.source={source} needs data.root=DIR, the folder of the data files")
+            raise UserError(f"data.source={source} needs data.root=DIR, the folder of its files")
         if source == "synthetic" and {src, tgt} != {"en", "de"}:
             raise UserError(f"the synthetic corpus is English <-> German; data.src={src} "
                             f"data.tgt={tgt} must be en and de (either order)")
         if src == tgt:
             raise UserError(f"data.src and data.tgt are both {src!r}; give two languages")
-        for name, v in (("batch_size", batch_size), ("max_len", max_len), ("vocab_size", vocab_size)):
+        for name, v in (("batch_size", batch_size), ("max_len", max_len),
+                        ("vocab_size", vocab_size)):
             if v is None or v <= 0:
                 raise UserError(f"data.{name} must be a positive integer, got {v}")
         if split not in SPLITS:
@@ -471,7 +484,8 @@ class TranslationDataModule(L.LightningDataModule):
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.shared_vocab, self.vocab_size, self.max_len = shared_vocab, vocab_size, max_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.max_eval_pairs, self.num_workers, self.pin_memory = max_eval_pairs, num_workers, pin_memory
+        self.max_eval_pairs, self.num_workers = max_eval_pairs, num_workers
+        self.pin_memory = pin_memory
         self.seed, self.split = seed, split
         self.tokenizer: TokenizerPair | None = None
         self.pairs: dict[str, list[tuple[str, str]]] = {}
@@ -520,8 +534,8 @@ class TranslationDataModule(L.LightningDataModule):
                     log.info(f"train: dropped {len(pairs) - len(keep)} pairs longer than "
                              f"data.max_len={self.max_len} tokens")
                 if not keep:
-                    raise UserError(f"every training pair is longer than data.max_len={self.max_len}"
-                                    " tokens; raise data.max_len")
+                    raise UserError(f"every training pair is longer than data.max_len="
+                                    f"{self.max_len} tokens; raise data.max_len")
                 pairs = self.pairs[split] = [pairs[i] for i in keep]
                 src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
             self.ids[split] = (src_ids, tgt_ids)

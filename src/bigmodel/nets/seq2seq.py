@@ -253,7 +253,8 @@ def _force_eos(logp: torch.Tensor, stop: torch.Tensor, eos: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def greedy_search(step: StepFn, state, max_lens: torch.Tensor, bos: int, eos: int) -> list[list[int]]:
+def greedy_search(step: StepFn, state, max_lens: torch.Tensor, bos: int,
+                  eos: int) -> list[list[int]]:
     """The most likely next token each step until eos, at most max_lens[i] tokens for row i."""
     B = max_lens.shape[0]
     last = torch.full((B,), bos, dtype=torch.long, device=max_lens.device)
@@ -308,10 +309,11 @@ def beam_search(step: StepFn, reorder: Callable, state, max_lens: torch.Tensor, 
         if done.all():
             break
         # The K best continuations that do not end: rank order, eos candidates pushed last.
-        order = (torch.arange(vals.shape[1], device=device) + is_eos * vals.shape[1]).argsort(1)[:, :K]
+        rank = torch.arange(vals.shape[1], device=device) + is_eos * vals.shape[1]
+        order = rank.argsort(1)[:, :K]
         scores = vals.gather(1, order)
         src_rows = (rows[:, None] * K + beam.gather(1, order)).view(-1)
         last = tok.gather(1, order).view(-1)
         tokens = torch.cat([tokens[src_rows], last[:, None]], dim=1)
         state = reorder(state, src_rows)
-    return [max(f, key=lambda h: h[0])[1] for f in finished]
+    return [max(f, key=lambda h: h[0])[1] if f else [] for f in finished]

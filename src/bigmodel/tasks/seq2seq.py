@@ -61,7 +61,8 @@ class Seq2Seq(Task):
         self.decode_kwargs = {"length_penalty": length_penalty, "max_len_ratio": max_len_ratio,
                               "max_len_offset": max_len_offset}
         self.num_examples = num_examples
-        self.val_ppl, self.test_ppl = Perplexity(ignore_index=self.pad_id), Perplexity(ignore_index=self.pad_id)
+        self.val_ppl = Perplexity(ignore_index=self.pad_id)
+        self.test_ppl = Perplexity(ignore_index=self.pad_id)
         # torchmetrics scores are fractions; they are logged x100, on sacrebleu's scale.
         self.val_bleu, self.test_bleu = SacreBLEUScore(), SacreBLEUScore()
         self.val_chrf, self.test_chrf = CHRFScore(n_word_order=0), CHRFScore(n_word_order=0)
@@ -138,7 +139,8 @@ class Seq2Seq(Task):
                                       strict=True))
 
     def _log_scores(self, split: str) -> None:
-        bleu, chrf = (self.val_bleu, self.val_chrf) if split == "val" else (self.test_bleu, self.test_chrf)
+        bleu, chrf = ((self.val_bleu, self.val_chrf) if split == "val"
+                      else (self.test_bleu, self.test_chrf))
         self.log(f"{split}/bleu", bleu.compute() * 100, prog_bar=split == "val", sync_dist=False)
         self.log(f"{split}/chrf", chrf.compute() * 100, sync_dist=False)
         bleu.reset()
@@ -169,7 +171,8 @@ class Seq2Seq(Task):
         text = "\n".join(f"src: {s}\nref: {r}\nhyp: {h}\n" for s, r, h in self.examples)
         print(f"\n--- translations at step {step} ---\n{text}---", flush=True)
         if self.trainer.default_root_dir:
-            with open(Path(self.trainer.default_root_dir) / "samples.txt", "a", encoding="utf-8") as f:
+            path = Path(self.trainer.default_root_dir) / "samples.txt"
+            with open(path, "a", encoding="utf-8") as f:
                 f.write(f"--- step {step} ---\n{text}")
         for logger in self.trainer.loggers:
             exp = getattr(logger, "experiment", None)
