@@ -78,7 +78,8 @@ def test_optuna_sweep_stops_and_resumes_to_exactly_n_trials(tmp_path):
     args = ["-m", *TINY_SWEEP, f"hydra.sweeper.study_name={name}", "hydra.sweeper.n_trials=6",
             "hydra/sweeper/pruner=none"]
     # the first invocation stops after 3 trials, as a killed or time-limited sweep would
-    run_cli("train.py", *args, "hydra.sweeper.max_trials_per_run=3", cwd=tmp_path)
+    run_cli("train.py", *args, "hydra.sweeper.max_trials_per_run=3", "hydra.sweeper.plots=false",
+            cwd=tmp_path)
     assert states(load(tmp_path, name)) == {"COMPLETE": 3}
 
     proc = run_cli("train.py", *args, cwd=tmp_path)
@@ -152,6 +153,7 @@ def test_failed_trials_are_recorded_and_the_pruner_prunes(tmp_path):
                                      "error.txt").read_text()
 
 
+@pytest.mark.slow  # two fresh worker processes import torch and Lightning: about a minute
 def test_parallel_joblib_trials_share_one_study(tmp_path):
     name = "parallel"
     run_cli(

@@ -290,6 +290,13 @@ class OptunaSweep:
                 log.warning(f"trial {t.number} was cut off by an earlier, killed sweep; owed again")
 
     # ------------------------------------------------------------------ trials
+    def ask(self, study: optuna.Study, space: dict[str, BaseDistribution]) -> optuna.Trial:
+        trial = study.ask(space)
+        if self.s.heartbeat_interval:
+            # at once: a trial with no heartbeat at all would never be recognised as stale
+            self.storage.record_heartbeat(trial._trial_id)
+        return trial
+
     def pruning_overrides(self, number: int) -> list[str]:
         cb = "++callbacks.optuna_pruning"
         out = [f"{cb}._target_=bigmodel.sweep.OptunaPruning", f"{cb}.trial_number={number}"]
@@ -362,7 +369,7 @@ class OptunaSweep:
                     log.info(f"{done} of {self.s.n_trials} trials done; running {max(owed, 0)}")
                 if owed <= 0:
                     break
-                batch = [study.ask(space) for _ in range(min(self.s.n_jobs, owed))]
+                batch = [self.ask(study, space) for _ in range(min(self.s.n_jobs, owed))]
                 overrides = [
                     [*fixed, *trial_overrides(t.params), *self.pruning_overrides(t.number)]
                     for t in batch
@@ -389,7 +396,7 @@ class OptunaSweep:
         if best is None:
             log.warning(f"no trial of study {self.study_name} completed; see trials.csv")
             return None
-        if self.s.plots:
+        if self.s.plots and (ran or not (self.sweep_dir / "plots").is_dir()):
             write_plots(study, self.sweep_dir / "plots")
         log.info(
             f"best trial {best['best_trial']}: {self.monitor}={best['best_value']:.6g} "
