@@ -89,8 +89,6 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known bug: the 2nd DDP job of a multirun in the same "
-                   "process loses its rank-1 peer (process group / env of job 1 not torn down)")
 def test_ddp_multirun_gives_one_run_directory_per_job(tmp_path):
     run_cli("train.py", "-m", *TINY_DDP, "trainer=ddp_cpu", "trainer.max_steps=6",
             "seed=1,2", "test=false", cwd=tmp_path)

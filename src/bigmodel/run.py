@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import inspect
@@ -274,8 +275,28 @@ def _metrics(trainer: L.Trainer) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------- entries
+@contextlib.contextmanager
+def _fresh_process_group():
+    """Leave no process group or launcher variables behind: the next job of a multirun runs in
+    this same process and must start its own DDP world, not reuse the last one's."""
+    env = dict(os.environ)
+    try:
+        yield
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(env)
+
+
 @reports_user_errors
 def train(cfg: DictConfig) -> float | None:
+    """Train (and by default test) a task; return the value of `optimized_metric`."""
+    with _fresh_process_group():
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float | None:
     """Train (and by default test) a task; return the value of `optimized_metric`."""
     t0 = time.perf_counter()
     if cfg.get("seed") is not None:
