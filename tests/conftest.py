@@ -39,8 +39,13 @@ TINY_LM = [
 def hermetic_env(tmp_path_factory):
     """Point every cache that tools write to the home folder at a temporary one."""
     cache = tmp_path_factory.mktemp("cache")
-    for var in ("TORCHINDUCTOR_CACHE_DIR", "TORCH_EXTENSIONS_DIR", "HF_HOME", "XDG_CACHE_HOME",
-                "MPLCONFIGDIR"):
+    for var in (
+        "TORCHINDUCTOR_CACHE_DIR",
+        "TORCH_EXTENSIONS_DIR",
+        "HF_HOME",
+        "XDG_CACHE_HOME",
+        "MPLCONFIGDIR",
+    ):
         os.environ.setdefault(var, str(cache / var.lower()))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -65,13 +70,23 @@ def compose_config(
     return cfg
 
 
-def run_cli(script: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(
+    script: str,
+    *args: str,
+    cwd: Path,
+    timeout: float = 300,
+    env: dict | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repository, with logs and caches under cwd."""
     full_env = {**os.environ, "BIGMODEL_ROOT": str(cwd), "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=full_env,
-        capture_output=True, text=True, timeout=timeout,
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -56,8 +56,9 @@ def test_wrong_type(earlier_run):
 def test_missing_and_corrupt_checkpoints(earlier_run):
     root, _ = earlier_run
     for script in ("train.py", "eval.py", "generate.py"):
-        err = fails(root, *(TINY_LM if script == "train.py" else []), "ckpt_path=/nope.ckpt",
-                    script=script)
+        err = fails(
+            root, *(TINY_LM if script == "train.py" else []), "ckpt_path=/nope.ckpt", script=script
+        )
         assert "ckpt_path=/nope.ckpt does not exist" in err
     (root / "corrupt.ckpt").write_bytes(b"this is not a checkpoint" * 100)
     for script in ("eval.py", "generate.py"):
@@ -71,9 +72,17 @@ def test_checkpoint_of_another_model(earlier_run):
     args = [a for a in TINY_LM if not a.startswith("model.net.n_embd")]
     err = fails(root, *args, "model.net.n_embd=64", f"ckpt_path={ckpt}")
     assert "does not fit this model" in err
-    if (CONFIGS / "model" / "mlp.yaml").exists() and (CONFIGS / "data" / "regression.yaml").exists():
-        err = fails(root, "model=mlp", "data=regression", "loss=mse", "extras.print_config=false",
-                    f"ckpt_path={ckpt}")
+    if (CONFIGS / "model" / "mlp.yaml").exists() and (
+        CONFIGS / "data" / "regression.yaml"
+    ).exists():
+        err = fails(
+            root,
+            "model=mlp",
+            "data=regression",
+            "loss=mse",
+            "extras.print_config=false",
+            f"ckpt_path={ckpt}",
+        )
         assert "resume with the same model" in err or "choose the model" in err
 
 

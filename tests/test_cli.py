@@ -26,12 +26,21 @@ def trained(tmp_path_factory):
 def test_run_directory_holds_everything(trained):
     root, run, proc = trained
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", run.name)
-    for rel in (".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "tokenizer.json",
-                "metrics.json", "csv/metrics.csv", "checkpoints/last.ckpt", "samples.txt"):
+    for rel in (
+        ".hydra/config.yaml",
+        ".hydra/overrides.yaml",
+        "train.log",
+        "tokenizer.json",
+        "metrics.json",
+        "csv/metrics.csv",
+        "checkpoints/last.ckpt",
+        "samples.txt",
+    ):
         assert (run / rel).is_file(), rel
     best = list((run / "checkpoints").glob("best_step*.ckpt"))
     assert len(best) == 1
-    rows = list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+    with open(run / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     keys = set().union(*rows)
     assert {"train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl"} <= keys
     assert any(k.startswith("train/") and "per_sec" in k for k in keys)  # throughput
@@ -66,8 +75,13 @@ def test_eval_reproduces_test_metrics(trained):
 
 def test_generate_prints_a_reproducible_sample(trained):
     root, run, _ = trained
-    args = [f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "prompt=The", "max_new_tokens=40",
-            "temperature=0.8", "top_k=50"]
+    args = [
+        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        "prompt=The",
+        "max_new_tokens=40",
+        "temperature=0.8",
+        "top_k=50",
+    ]
     a = run_cli("generate.py", *args, cwd=root).stdout
     b = run_cli("generate.py", *args, cwd=root).stdout
     assert a.startswith("The") and a == b
@@ -76,9 +90,13 @@ def test_generate_prints_a_reproducible_sample(trained):
 
 def test_resume_continues_exactly(tmp_path):
     """Stopping at step 6 and resuming gives the weights of an uninterrupted 12-step run."""
-    args = [*TINY_LM, "callbacks.model_checkpoint.save_top_k=-1",
-            "callbacks.model_checkpoint.monitor=step", "callbacks.model_checkpoint.mode=max",
-            "test=false"]
+    args = [
+        *TINY_LM,
+        "callbacks.model_checkpoint.save_top_k=-1",
+        "callbacks.model_checkpoint.monitor=step",
+        "callbacks.model_checkpoint.mode=max",
+        "test=false",
+    ]
     run_cli("train.py", *args, cwd=tmp_path)
     (full,) = run_dirs(tmp_path)
     at6 = next((full / "checkpoints").glob("best_step000006*.ckpt"))
@@ -106,25 +124,53 @@ def test_model_and_optimizer_from_the_command_line(tmp_path):
 
 def test_help_lists_the_groups(tmp_path):
     out = run_cli("train.py", "--help", cwd=tmp_path).stdout
-    for group in ("model", "data", "optimizer", "scheduler", "trainer", "logger", "callbacks",
-                  "debug", "experiment", "strategy"):
+    for group in (
+        "model",
+        "data",
+        "optimizer",
+        "scheduler",
+        "trainer",
+        "logger",
+        "callbacks",
+        "debug",
+        "experiment",
+        "strategy",
+    ):
         assert re.search(rf"^{group}: ", out, re.M), group
 
 
 def test_two_runs_in_the_same_second_get_two_directories(tmp_path):
-    args = [sys.executable, str(ROOT / "train.py"), "train=false", "test=false",
-            "extras.print_config=false", "logger=csv"]
+    args = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "train=false",
+        "test=false",
+        "extras.print_config=false",
+        "logger=csv",
+    ]
     env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
-    procs = [subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     assert len(run_dirs(tmp_path)) == 2
 
 
 def test_multirun_gives_one_directory_per_job(tmp_path):
-    run_cli("train.py", "-m", "optimizer=adam,sgd", *TINY_LM, "trainer.max_steps=2",
-            "trainer.val_check_interval=2", "test=false", cwd=tmp_path)
+    run_cli(
+        "train.py",
+        "-m",
+        "optimizer=adam,sgd",
+        *TINY_LM,
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "test=false",
+        cwd=tmp_path,
+    )
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert jobs == ["0", "1"]

@@ -13,9 +13,21 @@ from bigmodel.run import build_task, instantiate_all
 from tests.conftest import CONFIGS, compose_config
 
 # Values a DataModule would supply for `???` net fields, so nets build without loading data.
-NET_FIELDS = {"vocab_size": 64, "num_classes": 10, "in_channels": 1, "image_size": 8,
-              "src_vocab_size": 64, "tgt_vocab_size": 64, "in_features": 10, "out_features": 10,
-              "n_mels": 32, "pad_id": 0, "bos_id": 1, "eos_id": 2, "sample_rate": 16000}
+NET_FIELDS = {
+    "vocab_size": 64,
+    "num_classes": 10,
+    "in_channels": 1,
+    "image_size": 8,
+    "src_vocab_size": 64,
+    "tgt_vocab_size": 64,
+    "in_features": 10,
+    "out_features": 10,
+    "n_mels": 32,
+    "pad_id": 0,
+    "bos_id": 1,
+    "eos_id": 2,
+    "sample_rate": 16000,
+}
 # The data a model or loss option is used with (the text default fits only language models).
 PAIRED = {
     ("model", "cnn"): ["data=digits"],
@@ -85,8 +97,9 @@ def instantiate_job(cfg: DictConfig, group: str) -> None:
         hydra.utils.instantiate(strategy)
     if group not in ("strategy",):
         # Accelerator-specific trainers (gpu, ddp) are checked for their keys on the CPU here.
-        hydra.utils.instantiate(cfg.trainer, accelerator="cpu", devices=1, strategy="auto",
-                                logger=False)
+        hydra.utils.instantiate(
+            cfg.trainer, accelerator="cpu", devices=1, strategy="auto", logger=False
+        )
 
 
 @pytest.mark.parametrize(("group", "option"), group_options(), ids=lambda v: v)

@@ -10,8 +10,11 @@ from bigmodel.nets import GPT, GPTConfig
 
 def tiny(**kw) -> GPT:
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{"vocab_size": 50, "block_size": 16, "n_layer": 2, "n_head": 2,
-                            "n_embd": 32, **kw}))
+    return GPT(
+        GPTConfig(
+            **{"vocab_size": 50, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 32, **kw}
+        )
+    )
 
 
 def test_forward_shape_and_causality():

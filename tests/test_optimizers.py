@@ -16,12 +16,22 @@ LR = {"sgd": 0.5, "momentum": 0.05, "adagrad": 0.05, "rmsprop": 0.003, "adam": 0
 @pytest.mark.parametrize("name", list(LR))
 def test_optimizer_trains(name, tmp_path):
     tiny = [o for o in TINY_LM if not o.startswith("scheduler.")]
-    overrides = [*tiny, f"optimizer={name}", f"optimizer.lr={LR[name]}", "scheduler=none",
-                 "trainer.max_steps=40", "trainer.val_check_interval=40", "trainer.log_every_n_steps=1",
-                 "test=false", "callbacks.text_sample=null", "callbacks.early_stopping=null"]
+    overrides = [
+        *tiny,
+        f"optimizer={name}",
+        f"optimizer.lr={LR[name]}",
+        "scheduler=none",
+        "trainer.max_steps=40",
+        "trainer.val_check_interval=40",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+        "callbacks.text_sample=null",
+        "callbacks.early_stopping=null",
+    ]
     cfg = compose_config("train", overrides, tmp_path)
     val_loss = train(cfg)
-    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     assert len(losses) == 40 and val_loss == val_loss  # trained every step, finite
     first, last = losses[0], sum(losses[-5:]) / 5

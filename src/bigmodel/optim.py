@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+
 import torch
 import torch.nn as nn
 
@@ -11,11 +12,17 @@ from bigmodel.errors import UserError
 
 # Modules whose parameters never get weight decay: decaying norms, biases and embeddings only
 # shrinks them towards zero without regularising anything useful.
-_NO_DECAY_MODULES = (nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._BatchNorm)
+_NO_DECAY_MODULES = (
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.RMSNorm,
+    nn.modules.batchnorm._BatchNorm,
+)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Split trainable parameters into a decayed group (weight matrices / conv kernels) and the rest.
+    """Split trainable parameters: decayed (weight matrices, conv kernels) and not decayed.
 
     A parameter is decayed when it has 2+ dimensions and belongs to no embedding or norm layer;
     a tied parameter (GPT's embedding = output head) counts as an embedding.
@@ -63,14 +70,22 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
                 stacklevel=2,
             )
             warmup_steps = short
-        self.total_steps, self.warmup_steps, self.min_lr_ratio = total_steps, warmup_steps, min_lr_ratio
+        self.total_steps, self.warmup_steps, self.min_lr_ratio = (
+            total_steps,
+            warmup_steps,
+            min_lr_ratio,
+        )
         super().__init__(optimizer, self.factor, last_epoch=last_epoch)
 
     def factor(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        progress = min(
+            1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        )
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (
+            1 + math.cos(math.pi * progress)
+        )
 
     def state_dict(self) -> dict:
         # LambdaLR would try to save the bound method; our factor is fully described by fields.

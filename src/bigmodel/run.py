@@ -60,8 +60,10 @@ def reports_user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except (UserError, InstantiationException, OmegaConfBaseException) as e:
             cause = _root_cause(e)
-            if not isinstance(cause, (UserError, InstantiationException, OmegaConfBaseException,
-                                      ValueError, TypeError)):
+            if not isinstance(
+                cause,
+                (UserError, InstantiationException, OmegaConfBaseException, ValueError, TypeError),
+            ):
                 raise
             if _is_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
@@ -79,7 +81,9 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | None = None, task_na
     if ckpt_path in (None, ""):
         return None
     if ckpt_path == "last":
-        pattern = os.path.join(log_dir or "logs", task_name, "runs", "*", "checkpoints", "last.ckpt")
+        pattern = os.path.join(
+            log_dir or "logs", task_name, "runs", "*", "checkpoints", "last.ckpt"
+        )
         found = sorted(glob.glob(pattern), key=os.path.getmtime)
         if not found:
             raise UserError(f"ckpt_path=last found no checkpoint matching {pattern}; train first")
@@ -102,7 +106,9 @@ def load_checkpoint(path: str) -> dict:
             f"{str(e).splitlines()[0][:200]}); pass an intact .ckpt written by train.py"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserError(f"ckpt_path={path} holds no model state_dict; pass a .ckpt written by train.py")
+        raise UserError(
+            f"ckpt_path={path} holds no model state_dict; pass a .ckpt written by train.py"
+        )
     return ckpt
 
 
@@ -113,7 +119,9 @@ def checkpoint_config(ckpt: dict, path: str) -> DictConfig:
     return OmegaConf.create(cfg)
 
 
-def check_same_model(ckpt: dict, path: str, model_cfg: DictConfig, model: L.LightningModule) -> None:
+def check_same_model(
+    ckpt: dict, path: str, model_cfg: DictConfig, model: L.LightningModule
+) -> None:
     """Refuse a checkpoint of another model family or shape with a message saying which."""
     saved = checkpoint_config(ckpt, path).get("model", {})
     for key in ("_target_",):
@@ -154,7 +162,7 @@ def check_types(node: Any, key: str) -> None:
         return
     if not isinstance(node, DictConfig):
         return
-    target = node.get("_target_") if "_target_" in node.keys() else None
+    target = node.get("_target_") if "_target_" in node else None
     hints: dict[str, Any] = {}
     if isinstance(target, str):
         try:
@@ -164,8 +172,12 @@ def check_types(node: Any, key: str) -> None:
                 hints = {**typing.get_type_hints(obj.config_class), **hints}
         except Exception:  # unknown target: instantiate reports it; odd hints: skip the check
             hints = {}
-    for k in node.keys():
-        if k.startswith("_") or OmegaConf.is_missing(node, k) or OmegaConf.is_interpolation(node, k):
+    for k in node.keys():  # noqa: SIM118 (includes ??? values)
+        if (
+            k.startswith("_")
+            or OmegaConf.is_missing(node, k)
+            or OmegaConf.is_interpolation(node, k)
+        ):
             child = None
         else:
             child = node[k]
@@ -174,8 +186,9 @@ def check_types(node: Any, key: str) -> None:
             check_types(child, full)
         elif k in hints and child is not None:
             allowed = _allowed_types(hints[k])
-            ok = allowed is None or (isinstance(child, allowed)
-                                     and not (isinstance(child, bool) and bool not in allowed))
+            ok = allowed is None or (
+                isinstance(child, allowed) and not (isinstance(child, bool) and bool not in allowed)
+            )
             if not ok:
                 names = " or ".join(t.__name__ for t in allowed)
                 raise UserError(f"{full}={child!r} must be {names}; fix the value of {full}")
@@ -201,7 +214,8 @@ def fill_from_data(node: DictConfig, values: dict[str, Any]) -> None:
     """Fill the `???` fields of a net config with what only the data knows (vocab, classes)."""
     with open_dict(node):
         for key, value in values.items():
-            if key in node.keys() and OmegaConf.is_missing(node, key):
+            # `in` on a DictConfig is False for ??? values: ask the keys
+            if key in node.keys() and OmegaConf.is_missing(node, key):  # noqa: SIM118
                 node[key] = value
 
 
@@ -242,13 +256,16 @@ def set_accumulation(cfg: DictConfig, trainer: L.Trainer) -> None:
     global_batch = cfg.get("global_batch_size")
     if global_batch is None:
         return
-    steps = derive_accumulation(int(global_batch), int(cfg.data.batch_size), trainer.num_devices,
-                                trainer.num_nodes)
+    steps = derive_accumulation(
+        int(global_batch), int(cfg.data.batch_size), trainer.num_devices, trainer.num_nodes
+    )
     trainer.accumulate_grad_batches = steps
     with open_dict(cfg):
         cfg.trainer.accumulate_grad_batches = steps
-    log.info(f"global_batch_size={global_batch}: {cfg.data.batch_size} per device x "
-             f"{trainer.num_devices} devices x {trainer.num_nodes} nodes x {steps} accumulation")
+    log.info(
+        f"global_batch_size={global_batch}: {cfg.data.batch_size} per device x "
+        f"{trainer.num_devices} devices x {trainer.num_nodes} nodes x {steps} accumulation"
+    )
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -319,7 +336,9 @@ def _train(cfg: DictConfig) -> float | None:
         check_same_model(ckpt, ckpt_path, cfg.model, task)
     callbacks = instantiate_all(cfg.get("callbacks"))
     loggers = instantiate_all(cfg.get("logger"))
-    trainer = build_trainer(cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out))
+    trainer = build_trainer(
+        cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out)
+    )
     set_accumulation(cfg, trainer)
     # the config a checkpoint carries, credentials masked
     task.run_config = redact(OmegaConf.to_container(cfg, resolve=True))
@@ -337,7 +356,11 @@ def _train(cfg: DictConfig) -> float | None:
 
     test_metrics: dict[str, float] = {}
     if cfg.get("test", False):
-        best = getattr(trainer.checkpoint_callback, "best_model_path", "") if cfg.get("train", True) else ""
+        best = (
+            getattr(trainer.checkpoint_callback, "best_model_path", "")
+            if cfg.get("train", True)
+            else ""
+        )
         if best:
             log.info(f"testing the best checkpoint {best}")
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -381,7 +404,9 @@ def restore(ckpt_path: str, data_overrides: DictConfig | None = None):
     try:
         task.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:
-        raise UserError(f"{ckpt_path} does not match its own model config: {str(e)[:300]}") from None
+        raise UserError(
+            f"{ckpt_path} does not match its own model config: {str(e)[:300]}"
+        ) from None
     return cfg, datamodule, task
 
 
@@ -398,9 +423,20 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("quantize"):  # int8 for CPU inference, tested next to the float32 net
         from bigmodel.quantize import evaluate_quantized
 
-        return evaluate_quantized(task, datamodule, lambda **kw: build_trainer(
-            cfg, logger=False, default_root_dir=str(out), accelerator="cpu", devices=1, **kw,
-        ), cfg.quantize, out)
+        return evaluate_quantized(
+            task,
+            datamodule,
+            lambda **kw: build_trainer(
+                cfg,
+                logger=False,
+                default_root_dir=str(out),
+                accelerator="cpu",
+                devices=1,
+                **kw,
+            ),
+            cfg.quantize,
+            out,
+        )
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(cfg, logger=loggers or False, default_root_dir=str(out))
     results = trainer.test(task, datamodule=datamodule)
@@ -426,18 +462,29 @@ def generate(cfg: DictConfig) -> list[str]:
     task.to(device)
     if hasattr(task, "translate"):  # sequence to sequence: text in, its translation out
         if not cfg.get("text"):
-            raise UserError(f"{ckpt_path} is a translation model; give it text=\"a sentence\" "
-                            "(or a list: 'text=[\"one\",\"two\"]')")
+            raise UserError(
+                f'{ckpt_path} is a translation model; give it text="a sentence" '
+                '(or a list: \'text=["one","two"]\')'
+            )
         inputs = [cfg.text] if isinstance(cfg.text, str) else list(cfg.text)
-        texts = task.translate(inputs, tokenizer, beam_size=cfg.get("beam_size") or 1,
-                               length_penalty=cfg.get("length_penalty"),
-                               max_len_ratio=cfg.get("max_len_ratio"))
+        texts = task.translate(
+            inputs,
+            tokenizer,
+            beam_size=cfg.get("beam_size") or 1,
+            length_penalty=cfg.get("length_penalty"),
+            max_len_ratio=cfg.get("max_len_ratio"),
+        )
         for t in texts:
             print(t)
         return texts
     texts = task.generate_text(
-        cfg.prompt, tokenizer, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        top_k=cfg.top_k, num_samples=cfg.num_samples, seed=cfg.get("seed"),
+        cfg.prompt,
+        tokenizer,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_k=cfg.top_k,
+        num_samples=cfg.num_samples,
+        seed=cfg.get("seed"),
     )
     for i, t in enumerate(texts):
         if len(texts) > 1:

@@ -16,8 +16,12 @@ class TextSample(L.Callback):
     """
 
     def __init__(
-        self, prompt: str = "\n", max_new_tokens: int = 200, temperature: float = 0.8,
-        top_k: int | None = 50, seed: int = 0,
+        self,
+        prompt: str = "\n",
+        max_new_tokens: int = 200,
+        temperature: float = 0.8,
+        top_k: int | None = 50,
+        seed: int = 0,
     ) -> None:
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
@@ -29,8 +33,12 @@ class TextSample(L.Callback):
         if trainer.sanity_checking or tokenizer is None or not hasattr(pl_module, "generate_text"):
             return
         text = pl_module.generate_text(
-            self.prompt, tokenizer, max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature, top_k=self.top_k, seed=self.seed,
+            self.prompt,
+            tokenizer,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self.seed,
         )[0]
         self.last_sample = text
         step = trainer.global_step
@@ -43,4 +51,6 @@ class TextSample(L.Callback):
             if hasattr(exp, "add_text"):  # TensorBoard
                 exp.add_text("val/sample", text, global_step=step)
             elif hasattr(logger, "log_text"):  # W&B
-                logger.log_text("val/sample", columns=["step", "text"], data=[[step, text]], step=step)
+                logger.log_text(
+                    "val/sample", columns=["step", "text"], data=[[step, text]], step=step
+                )

@@ -77,7 +77,12 @@ class RandomWindows(Dataset):
     """
 
     def __init__(self, tokens: np.ndarray, block_size: int, num_windows: int, seed: int) -> None:
-        self.tokens, self.block_size, self.num_windows, self.seed = tokens, block_size, num_windows, seed
+        self.tokens, self.block_size, self.num_windows, self.seed = (
+            tokens,
+            block_size,
+            num_windows,
+            seed,
+        )
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -168,7 +173,11 @@ class TextDataModule(L.LightningDataModule):
             raise UserError(f"data.split={split} is not one of {', '.join(SPLITS)}")
         self.path, self.text_column, self.tokenizer_kind = path, text_column, tokenizer
         self.bpe_vocab_size, self.block_size, self.batch_size = vocab_size, block_size, batch_size
-        self.splits, self.max_eval_windows, self.num_workers = tuple(splits), max_eval_windows, num_workers
+        self.splits, self.max_eval_windows, self.num_workers = (
+            tuple(splits),
+            max_eval_windows,
+            num_workers,
+        )
         self.pin_memory, self.seed, self.split = pin_memory, seed, split
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.tokenizer: CharTokenizer | BPETokenizer | None = None
@@ -178,7 +187,11 @@ class TextDataModule(L.LightningDataModule):
 
     # ----------------------------------------------------------------------------------- text
     def load_text(self) -> str:
-        text = embedded_corpus() if self.path is None else read_files(resolve_files(self.path), self.text_column)
+        text = (
+            embedded_corpus()
+            if self.path is None
+            else read_files(resolve_files(self.path), self.text_column)
+        )
         if not text.strip():
             raise UserError(f"data.path={self.path} holds no text; give it a non-empty corpus")
         return text
@@ -186,7 +199,11 @@ class TextDataModule(L.LightningDataModule):
     def split_text(self, text: str) -> dict[str, str]:
         n, a = len(text), self.splits[0]
         b = a + self.splits[1]
-        return {"train": text[: int(n * a)], "val": text[int(n * a) : int(n * b)], "test": text[int(n * b) :]}
+        return {
+            "train": text[: int(n * a)],
+            "val": text[int(n * a) : int(n * b)],
+            "test": text[int(n * b) :],
+        }
 
     # ------------------------------------------------------------------------------ lifecycle
     def setup(self, stage: str | None = None) -> None:
@@ -202,7 +219,9 @@ class TextDataModule(L.LightningDataModule):
                     parts["train"].splitlines(), vocab_size=self.bpe_vocab_size
                 )
         tok_json = json.dumps(self.tokenizer.to_dict(), sort_keys=True)
-        key = hashlib.sha1(text.encode() + tok_json.encode() + repr(self.splits).encode()).hexdigest()[:16]
+        key = hashlib.sha1(
+            text.encode() + tok_json.encode() + repr(self.splits).encode()
+        ).hexdigest()[:16]
         for name, part in parts.items():
             self.tokens[name] = self._cached_ids(key, name, part)
         need = self.block_size + 1
@@ -244,7 +263,9 @@ class TextDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
         tokens = self.tokens["train"]
-        ds = RandomWindows(tokens, self.block_size, max(1, len(tokens) // self.block_size), self.seed)
+        ds = RandomWindows(
+            tokens, self.block_size, max(1, len(tokens) // self.block_size), self.seed
+        )
         self._train_sampler = sampler = ResumableSampler(ds)
         if self._resume_position is not None:
             ds.set_epoch(self._resume_position["epoch"])

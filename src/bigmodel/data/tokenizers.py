@@ -101,18 +101,23 @@ class TokenizerPair:
         self.shared = tgt is None or tgt is src
         ids = [[t.token_to_id(s) for s in self.SPECIALS] for t in (self.src, self.tgt)]
         if ids[0] != ids[1] or None in ids[0]:
-            raise UserError(f"translation tokenizers need the specials {self.SPECIALS} at the same "
-                            f"ids on both sides (got {ids}); train them with TokenizerPair.train")
+            raise UserError(
+                f"translation tokenizers need the specials {self.SPECIALS} at the same "
+                f"ids on both sides (got {ids}); train them with TokenizerPair.train"
+            )
         self.pad_id, self.bos_id, self.eos_id = ids[0]
         self.vocab_size = self.tgt.vocab_size
 
     @classmethod
-    def train(cls, src_texts: list[str], tgt_texts: list[str], vocab_size: int,
-              shared: bool = True) -> TokenizerPair:
+    def train(
+        cls, src_texts: list[str], tgt_texts: list[str], vocab_size: int, shared: bool = True
+    ) -> TokenizerPair:
         if shared:
             return cls(BPETokenizer.train(src_texts + tgt_texts, vocab_size, cls.SPECIALS))
-        return cls(BPETokenizer.train(src_texts, vocab_size, cls.SPECIALS),
-                   BPETokenizer.train(tgt_texts, vocab_size, cls.SPECIALS))
+        return cls(
+            BPETokenizer.train(src_texts, vocab_size, cls.SPECIALS),
+            BPETokenizer.train(tgt_texts, vocab_size, cls.SPECIALS),
+        )
 
     def encode(self, text: str) -> list[int]:
         return self.src.encode(text) + [self.eos_id]

@@ -70,8 +70,13 @@ class Task(L.LightningModule):
             return optimizer
         sched = dict(self.scheduler_config)
         factory = sched["scheduler"]
-        if isinstance(factory, functools.partial) and factory.keywords.get("total_steps", 0) is None:
-            factory = functools.partial(factory, total_steps=self.trainer.estimated_stepping_batches)
+        if (
+            isinstance(factory, functools.partial)
+            and factory.keywords.get("total_steps", 0) is None
+        ):
+            factory = functools.partial(
+                factory, total_steps=self.trainer.estimated_stepping_batches
+            )
         sched["scheduler"] = factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": sched}
 
@@ -85,5 +90,12 @@ class Task(L.LightningModule):
 
     def log_metric(self, name: str, value: torch.Tensor | float, batch: Any, **kwargs) -> None:
         on_step = self.training
-        self.log(name, value, on_step=on_step, on_epoch=not on_step, batch_size=self.batch_size(batch),
-                 sync_dist=not on_step, **kwargs)
+        self.log(
+            name,
+            value,
+            on_step=on_step,
+            on_epoch=not on_step,
+            batch_size=self.batch_size(batch),
+            sync_dist=not on_step,
+            **kwargs,
+        )

@@ -81,6 +81,8 @@ class LanguageModel(Task):
         g = None
         if seed is not None:
             g = torch.Generator(device=self.device).manual_seed(seed)
-        out = self.net.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g)
+        out = self.net.generate(
+            idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g
+        )
         self.train(was_training)
         return [tokenizer.decode(row.tolist()) for row in out]
