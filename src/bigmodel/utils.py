@@ -9,6 +9,8 @@ import rich.syntax
 import rich.tree
 from omegaconf import DictConfig, OmegaConf
 
+from bigmodel.loggers import redact
+
 # Top-level keys printed first, in this order; the rest follow alphabetically.
 _ORDER = ("data", "model", "optimizer", "scheduler", "callbacks", "logger", "trainer", "paths")
 
@@ -20,7 +22,12 @@ def print_config(cfg: DictConfig) -> None:
     for key in keys:
         branch = tree.add(key, style="bold")
         node = cfg[key]
-        body = OmegaConf.to_yaml(node, resolve=True) if isinstance(node, DictConfig) else str(node)
+        if isinstance(node, DictConfig):  # secrets pulled in from the environment are masked
+            body = OmegaConf.to_yaml(
+                OmegaConf.create(redact(OmegaConf.to_container(node, resolve=True)))
+            )
+        else:
+            body = str(node)
         branch.add(rich.syntax.Syntax(body, "yaml", theme="ansi_dark", background_color="default"))
     rich.print(tree)
 
