@@ -4,5 +4,6 @@ from bigmodel.tasks.base import Task
 from bigmodel.tasks.classification import Classifier
 from bigmodel.tasks.language_model import LanguageModel
 from bigmodel.tasks.regression import Regressor
+from bigmodel.tasks.seq2seq import Seq2Seq
 
-__all__ = ["Classifier", "LanguageModel", "Regressor", "Task"]
+__all__ = ["Classifier", "LanguageModel", "Regressor", "Seq2Seq", "Task"]
