@@ -22,15 +22,22 @@ class TextSample(L.Callback):
         temperature: float = 0.8,
         top_k: int | None = 50,
         seed: int = 0,
+        every_n_validations: int = 1,
     ) -> None:
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
+        self.every_n_validations = max(1, every_n_validations)
+        self.validations = 0
         self.last_sample: str | None = None
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if trainer.sanity_checking or tokenizer is None or not hasattr(pl_module, "generate_text"):
+            return
+        self.validations += 1
+        last = 0 < trainer.max_steps <= trainer.global_step  # always show the final model
+        if (self.validations - 1) % self.every_n_validations and not last:
             return
         text = pl_module.generate_text(
             self.prompt,
