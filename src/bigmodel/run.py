@@ -124,12 +124,12 @@ def check_same_model(
 ) -> None:
     """Refuse a checkpoint of another model family or shape with a message saying which."""
     saved = checkpoint_config(ckpt, path).get("model", {})
-    for key in ("_target_",):
-        if saved.get(key) != model_cfg.get(key):
-            raise UserError(
-                f"{path} was trained as {saved.get(key)}, but this run builds {model_cfg.get(key)}; "
-                "resume with the same model= option the checkpoint was trained with"
-            )
+    if saved.get("_target_") != model_cfg.get("_target_"):
+        raise UserError(
+            f"{path} was trained as {saved.get('_target_')}, but this run builds "
+            f"{model_cfg.get('_target_')}; resume with the same model= option the checkpoint "
+            "was trained with"
+        )
     saved_net, net = saved.get("net", {}), model_cfg.get("net", {})
     if saved_net.get("_target_") != net.get("_target_"):
         raise UserError(
@@ -374,9 +374,8 @@ def _train(cfg: DictConfig) -> float | None:
     name = cfg.get("optimized_metric")
     if name and (name in metrics or cfg.get("train", True)):
         if name not in metrics:
-            raise UserError(
-                f"optimized_metric={name} was not logged; logged metrics: {', '.join(sorted(metrics))}"
-            )
+            logged = ", ".join(sorted(metrics))
+            raise UserError(f"optimized_metric={name} was not logged; logged metrics: {logged}")
         return metrics[name]
     return None
 
