@@ -12,6 +12,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+# One thread per process: pytest-xdist runs a worker per core and the CLI tests start their own
+# processes; two threads each would oversubscribe the cores (tiny nets get several times slower).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 
