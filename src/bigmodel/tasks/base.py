@@ -10,6 +10,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
+from bigmodel.callbacks import batch_size
 from bigmodel.optim import param_groups
 
 
@@ -90,11 +91,6 @@ class Task(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bigmodel"] = {"config": self.run_config, "task": type(self).__name__}
 
-    @staticmethod
-    def batch_size(batch: Any) -> int:
-        first = batch[0] if isinstance(batch, (tuple, list)) else next(iter(batch.values()))
-        return int(first.shape[0])
-
     def log_metric(self, name: str, value: torch.Tensor | float, batch: Any, **kwargs) -> None:
         on_step = self.training
         self.log(
@@ -102,7 +98,7 @@ class Task(L.LightningModule):
             value,
             on_step=on_step,
             on_epoch=not on_step,
-            batch_size=self.batch_size(batch),
+            batch_size=batch_size(batch),
             sync_dist=not on_step,
             **kwargs,
         )
