@@ -17,12 +17,6 @@ from bigmodel.nets import AudioCNN, LogMel, SpecAugment
 from bigmodel.nets.audio import hz_to_mel
 from tests.conftest import run_cli, run_dirs
 
-QUIET = [
-    "extras.print_config=false",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.rich_model_summary=null",
-    "trainer.num_sanity_val_steps=0",
-]
 
 
 def tone(freq: float, sr: int, seconds: float, channels: int = 1) -> np.ndarray:
@@ -209,7 +203,6 @@ def test_cli_spoken_digits(tmp_path):
         "data.num_speakers=6",
         "trainer.max_epochs=2",
         "model.net.widths=[8,16]",
-        *QUIET,
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
     )

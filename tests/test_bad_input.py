@@ -80,7 +80,6 @@ def test_checkpoint_of_another_model(earlier_run):
             "model=mlp",
             "data=regression",
             "loss=mse",
-            "extras.print_config=false",
             f"ckpt_path={ckpt}",
         )
         assert "resume with the same model" in err or "choose the model" in err

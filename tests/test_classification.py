@@ -20,12 +20,6 @@ from tests.conftest import run_cli, run_dirs
 
 # Tiny nets run fastest on one thread, and the test machines are shared by parallel jobs.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-QUIET = [
-    "extras.print_config=false",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.rich_model_summary=null",
-    "trainer.num_sanity_val_steps=0",
-]
 
 
 def test_metrics_equal_sklearn_on_fixed_predictions():
@@ -177,7 +171,6 @@ def test_cli_digits_cnn_and_eval(tmp_path):
         "experiment=digits_cnn",
         "trainer.max_epochs=2",
         "model.net.widths=[16,32]",
-        *QUIET,
         cwd=tmp_path,
         env=ONE_THREAD,
     )
@@ -198,7 +191,6 @@ def test_cli_digits_vit_with_hinge_loss(tmp_path):
         "model.net.n_embd=16",
         "model.net.pool=mean",
         "scheduler.scheduler.warmup_steps=2",
-        *QUIET,
         cwd=tmp_path,
         env=ONE_THREAD,
     )
@@ -210,7 +202,6 @@ def test_cli_rejects_a_patch_size_that_does_not_divide(tmp_path):
         "train.py",
         "experiment=digits_vit",
         "model.net.patch_size=3",
-        *QUIET,
         cwd=tmp_path,
         check=False,
     )

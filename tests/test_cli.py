@@ -117,9 +117,10 @@ def test_ckpt_path_last_finds_the_newest_run(trained, tmp_path):
 
 
 def test_model_and_optimizer_from_the_command_line(tmp_path):
-    proc = run_cli("train.py", "model=gpt", "optimizer=adam", *TINY_LM, "test=false", cwd=tmp_path)
-    assert "Adam" in (run_dirs(tmp_path)[0] / ".hydra" / "config.yaml").read_text()
-    assert proc.returncode == 0
+    run_cli("train.py", "model=gpt", "optimizer=adam", *TINY_LM, "test=false", cwd=tmp_path)
+    # the class the task built (the default AdamW would also match a plain "Adam" substring)
+    built = re.findall(r"optimizer: (\w+) \(", (run_dirs(tmp_path)[0] / "train.log").read_text())
+    assert built == ["Adam"], built
 
 
 def test_help_lists_the_groups(tmp_path):
@@ -137,6 +138,53 @@ def test_help_lists_the_groups(tmp_path):
         "strategy",
     ):
         assert re.search(rf"^{group}: ", out, re.M), group
+    assert "wandb_sweep" not in out  # W&B sweep specs are not a Hydra group
+
+
+def test_trainer_arguments_need_no_plus(tmp_path):
+    """The Trainer arguments a user reaches for are keys of `trainer`, and reach the Trainer."""
+    from bigmodel.run import build_trainer
+    from tests.conftest import compose_config
+
+    cfg = compose_config(
+        "train",
+        [
+            "trainer.max_time=00:00:10:00",
+            "trainer.limit_train_batches=5",
+            "trainer.limit_test_batches=3",
+            "trainer.enable_checkpointing=false",
+            "trainer.deterministic=true",
+            "trainer.profiler=simple",
+            "callbacks=none",
+        ],
+        tmp_path,
+    )
+    trainer = build_trainer(cfg, logger=False)
+    assert trainer.limit_train_batches == 5 and trainer.limit_test_batches == 3
+    assert trainer.checkpoint_callback is None
+    assert type(trainer.profiler).__name__ == "SimpleProfiler"
+    timer = next(c for c in trainer.callbacks if type(c).__name__ == "Timer")
+    assert timer._duration == 600
+
+
+def test_config_printout_shows_values_the_data_fills(tmp_path, capsys):
+    """`num_classes: ${model.net.num_classes}` is printed as pending, not resolved into an error."""
+    from bigmodel.utils import FILLED_AT_RUN_TIME, print_config
+    from tests.conftest import compose_config
+
+    cfg = compose_config("train", ["experiment=digits_cnn"], tmp_path)
+    print_config(cfg)
+    out = capsys.readouterr().out
+    assert out.count(FILLED_AT_RUN_TIME) == 3  # model.num_classes, net.num_classes, in_channels
+    assert "widths" in out and "AdamW" in out
+
+
+def test_a_run_shorter_than_one_validation_ends_well(tmp_path):
+    """No validation, so no val/loss to return: a plain run warns and exits 0 (train && eval)."""
+    proc = run_cli("train.py", *TINY_LM, "trainer.max_steps=3", cwd=tmp_path)
+    assert "optimized_metric=val/loss was not logged" in proc.stdout + proc.stderr
+    (run,) = run_dirs(tmp_path)
+    assert (run / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_two_runs_in_the_same_second_get_two_directories(tmp_path):
@@ -145,7 +193,6 @@ def test_two_runs_in_the_same_second_get_two_directories(tmp_path):
         str(ROOT / "train.py"),
         "train=false",
         "test=false",
-        "extras.print_config=false",
         "logger=csv",
     ]
     env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
@@ -179,7 +226,7 @@ def test_multirun_gives_one_directory_per_job(tmp_path):
 
 @pytest.mark.parametrize("debug", ["fdr", "limit"])
 def test_debug_presets(debug, tmp_path):
-    run_cli("train.py", f"debug={debug}", *TINY_LM[:5], "extras.print_config=false", cwd=tmp_path)
+    run_cli("train.py", f"debug={debug}", *TINY_LM[:5], cwd=tmp_path)
 
 
 def test_tensorboard_logger_writes_events(tmp_path):

@@ -1,11 +1,17 @@
-"""The GPT net: shapes, causality, weight tying, init, sizes, sampling."""
+"""The GPT net: shapes, causality, weight tying, init, sizes, sampling; prompts and sampling
+settings through the language-model task, the sample callback and generate.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer
+from bigmodel.errors import UserError
 from bigmodel.nets import GPT, GPTConfig
+from bigmodel.tasks import LanguageModel
+from tests.conftest import TINY_LM, run_cli, run_dirs
+from tests.test_text_data import PROSE
 
 
 def tiny(**kw) -> GPT:
@@ -69,3 +75,105 @@ def test_generate_greedy_is_deterministic_and_crops_context():
     g = torch.Generator().manual_seed(1)
     s = m.generate(idx, 10, temperature=1.0, top_k=1, generator=g)
     torch.testing.assert_close(s, m.generate(idx, 10, temperature=0))  # top_k=1 is greedy
+
+
+def test_temperature_zero_is_greedy_and_bad_settings_are_refused():
+    m = tiny().eval()
+    idx = torch.randint(0, 50, (2, 4))
+    want = idx
+    for _ in range(5):
+        want = torch.cat([want, m(want)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(m.generate(idx, 5, temperature=0, top_k=7), want)
+    for kwargs, match in [
+        ({"temperature": -1}, r"^temperature=-1 must be >= 0; 0 decodes greedily"),
+        ({"temperature": float("nan")}, r"^temperature=nan must be >= 0"),
+        ({"top_k": 0}, r"^top_k=0 must be >= 1; top_k=null samples from all tokens"),
+        ({"max_new_tokens": -1}, r"^max_new_tokens=-1 must be >= 0"),
+    ]:
+        with pytest.raises(UserError, match=match):
+            m.generate(idx, **{"max_new_tokens": 3, **kwargs})
+
+
+def lm(vocab_size: int) -> LanguageModel:
+    torch.manual_seed(0)
+    return LanguageModel(GPT(vocab_size=vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16))
+
+
+def greedy_from(model: LanguageModel, start: int, n: int) -> list[int]:
+    return model.net.generate(torch.tensor([[start]]), n, temperature=0)[0, 1:].tolist()
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "char_without_newline"])
+def test_empty_prompt_starts_from_a_newline(kind):
+    text = PROSE.replace("\n", " ") if kind == "char_without_newline" else PROSE
+    tok = BPETokenizer.train(text.splitlines(), 300) if kind == "bpe" else CharTokenizer.train(text)
+    model = lm(tok.vocab_size)
+    start = tok.encode(" " if kind == "char_without_newline" else "\n")
+    assert len(start) == 1 and (kind != "bpe" or start != [0])  # BPE's id 0 is "!"
+    (out,) = model.generate_text("", tok, max_new_tokens=12, temperature=0)
+    assert out == tok.decode(greedy_from(model, start[0], 12))  # the start token is left out
+    assert model.training  # restored after sampling
+
+
+def test_empty_prompt_without_a_start_token_is_refused_and_prompts_are_strict():
+    tok = CharTokenizer.train("abcab" * 10)
+    model = lm(tok.vocab_size)
+    with pytest.raises(
+        UserError, match=r'^prompt="" starts from a newline or a space.*prompt="The"'
+    ):
+        model.generate_text("", tok, max_new_tokens=3)
+    with pytest.raises(UserError, match="'z' is not in the character vocabulary"):
+        model.generate_text("abz", tok, max_new_tokens=3)  # not the unknown id: refused
+    with pytest.raises(UserError, match="num_samples=0 must be >= 1"):
+        model.generate_text("ab", tok, num_samples=0)
+    assert model.training
+
+
+def test_sample_callback_without_its_prompt_character_keeps_training(tmp_path):
+    """The default sample prompt is a newline; a corpus without one samples from a space."""
+    corpus = tmp_path / "one_line.txt"
+    corpus.write_text(PROSE.replace("\n", " "))
+    assert "\n" not in corpus.read_text()
+    proc = run_cli("train.py", *TINY_LM, f"data.path={corpus}", cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    assert proc.stdout.count("--- sample at step") == 2  # at steps 6 and 12
+    assert (run / "metrics.json").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    log = (run / "train.log").read_text()
+    assert "test/loss" in (run / "metrics.json").read_text()
+    assert log.count("sampling from the empty prompt's start token instead") == 1  # warned once
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt_run")
+    run_cli("train.py", *TINY_LM, "test=false", cwd=root)
+    (run,) = run_dirs(root)
+    return root, run / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    ("setting", "key"),
+    [
+        ("temperature=-1", "temperature=-1"),
+        ("top_k=0", "top_k=0"),
+        ("max_new_tokens=-5", "max_new_tokens=-5"),
+    ],
+)
+def test_generate_refuses_bad_sampling_settings(checkpoint, setting, key):
+    root, ckpt = checkpoint
+    proc = run_cli("generate.py", f"ckpt_path={ckpt}", setting, cwd=root, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]  # one line
+    assert proc.stderr.startswith(f"error: {key} must be >= ") and "Traceback" not in proc.stderr
+
+
+def test_generate_temperature_zero_and_empty_prompt(checkpoint):
+    root, ckpt = checkpoint
+    args = [f"ckpt_path={ckpt}", "max_new_tokens=30", "temperature=0"]
+    # greedy: the seed changes nothing
+    a = run_cli("generate.py", *args, "prompt=The", "seed=1", cwd=root).stdout
+    assert a == run_cli("generate.py", *args, "prompt=The", "seed=2", cwd=root).stdout
+    assert a.startswith("The") and len(a) == len("The") + 30 + 1  # the text and print's newline
+    # prompt="" as a shell passes it: 30 new characters, no stand-in for the prompt before them
+    out = run_cli("generate.py", *args, "prompt=", cwd=root).stdout
+    assert len(out) == 30 + 1 and out.endswith("\n")

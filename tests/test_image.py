@@ -16,12 +16,6 @@ from bigmodel.data.image import random_crop, random_hflip, split_indices
 from bigmodel.errors import UserError
 from tests.conftest import run_cli, run_dirs
 
-QUIET = [
-    "extras.print_config=false",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.rich_model_summary=null",
-    "trainer.num_sanity_val_steps=0",
-]
 
 
 def write_image_folder(
@@ -230,7 +224,6 @@ def test_cli_image_folder_trains_and_rejects_bad_data(tmp_path):
         "trainer.check_val_every_n_epoch=1",
         "callbacks.text_sample=null",
         "callbacks.throughput.length_fn=null",
-        *QUIET,
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
     )
@@ -242,7 +235,6 @@ def test_cli_image_folder_trains_and_rejects_bad_data(tmp_path):
         "data=image_folder",
         f"data.root={tmp_path / 'imgs'}",
         "model=cnn",
-        *QUIET,
         cwd=tmp_path,
         check=False,
     )

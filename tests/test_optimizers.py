@@ -1,8 +1,9 @@
-"""Every optimizer option trains; the adaptive and momentum ones lower the loss in a short run."""
+"""Every optimizer option trains: in a short run each lowers the loss and keeps it finite."""
 
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 
@@ -33,8 +34,10 @@ def test_optimizer_trains(name, tmp_path):
     with open(tmp_path / "run" / "csv" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    assert len(losses) == 40 and val_loss == val_loss  # trained every step, finite
+    assert len(losses) == 40  # trained every step
+    assert val_loss is not None and math.isfinite(val_loss), val_loss
+    assert all(math.isfinite(v) for v in losses), losses
     first, last = losses[0], sum(losses[-5:]) / 5
     print(f"{name}: train/loss {first:.3f} -> {last:.3f} (mean of the last 5 of 40 steps)")
-    if name in ("adam", "adamw", "momentum"):
-        assert last < first - 0.8, (first, last)
+    # every option drops by more than 1.2 nats here; one that does not step stays near ln(vocab)
+    assert last < first - 0.8, (first, last)

@@ -15,12 +15,6 @@ from bigmodel.run import build_task
 from bigmodel.tasks.regression import regression_metrics
 from tests.conftest import compose_config, run_cli, run_dirs
 
-QUIET = [
-    "extras.print_config=false",
-    "callbacks.rich_progress_bar=null",
-    "callbacks.rich_model_summary=null",
-    "trainer.num_sanity_val_steps=0",
-]
 
 
 def test_metrics_equal_sklearn_on_fixed_predictions():
@@ -59,7 +53,6 @@ def test_cli_regression_reproduces_the_introductory_example(tmp_path):
         "train.py",
         "experiment=regression",
         "trainer.max_epochs=3",
-        *QUIET,
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
     )

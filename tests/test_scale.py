@@ -112,7 +112,7 @@ def test_fsdp2_two_processes_train_checkpoint_and_load_in_one(tmp_path):
     assert ckpt.is_file()  # one consolidated file, not a folder of shards
     state = final_weights(run)
     assert all(type(v) is torch.Tensor for v in state.values())  # plain tensors, no DTensors
-    proc = run_cli("eval.py", f"ckpt_path={ckpt}", "extras.print_config=false", cwd=tmp_path)
+    proc = run_cli("eval.py", f"ckpt_path={ckpt}", cwd=tmp_path)
     assert "test/loss" in proc.stdout
 
 
@@ -223,7 +223,7 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
 def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
     args = [*TINY_LM, "trainer.max_steps=100000", "trainer.val_check_interval=1000",
             "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1", "test=false"]
-    env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
@@ -278,7 +278,7 @@ def test_gpu_strategy_trains_the_gpt(strategy, tmp_path):
         from bigmodel.convert import convert
 
         last = convert(last)
-    run_cli("eval.py", f"ckpt_path={last}", "extras.print_config=false", cwd=tmp_path)
+    run_cli("eval.py", f"ckpt_path={last}", cwd=tmp_path)
 
 
 @pytest.mark.gpu

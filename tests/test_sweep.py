@@ -36,7 +36,6 @@ TINY_SWEEP = [
     "trainer.max_steps=8",
     "trainer.val_check_interval=2",
     "scheduler.scheduler.warmup_steps=2",
-    "callbacks.rich_model_summary=null",
     "callbacks.model_checkpoint.save_last=false",
 ]
 
@@ -181,7 +180,7 @@ def test_killed_sweep_resumes_without_counting_twice(tmp_path):
     args = [str(ROOT / "train.py"), "-m", *TINY_SWEEP, f"hydra.sweeper.study_name={name}",
             "hydra.sweeper.n_trials=6", "hydra.sweeper.heartbeat_interval=1",
             "hydra.sweeper.grace_period=3", "hydra/sweeper/pruner=none"]
-    env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path), "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
     proc = subprocess.Popen([sys.executable, *args], cwd=tmp_path, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     db = study_dir(tmp_path, name) / "optuna.db"

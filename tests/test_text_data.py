@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import logging
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bigmodel.data.text import TextDataModule, embedded_corpus
 from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from bigmodel.errors import UserError
+from bigmodel.nets import GPT
 
 PROSE = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
@@ -34,8 +39,50 @@ def test_char_and_bpe_tokenizers_round_trip():
     assert len(ids) < len("it was the age of wisdom, Ünïcode too")  # merges were learned
     again = tokenizer_from_dict(bpe.to_dict())
     assert again.encode("the epoch of belief") == bpe.encode("the epoch of belief")
+    assert char.encode("a\u2603") == [char.stoi["a"], char.unk_id]  # unseen: unknown id
     with pytest.raises(UserError, match="not in the character vocabulary"):
-        char.encode("\u2603")
+        char.encode("\u2603", strict=True)  # how prompts are encoded
+
+
+def test_char_vocabulary_comes_from_the_training_split(tmp_path, caplog):
+    snow = "\u2603"
+    text = PROSE + "the snowman " + snow + " melts." + PROSE[:200]
+    assert text.index(snow) > 0.95 * len(text)  # only in the test split
+    f = tmp_path / "c.txt"
+    f.write_text(text)
+    d = dm(path=str(f), cache_dir=str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="bigmodel"):
+        d.setup("fit")
+    parts = d.split_text(text)
+    assert snow in parts["test"] and snow not in parts["train"] + parts["val"]
+    tok = d.tokenizer
+    assert snow not in tok.chars
+    assert tok.chars == "".join(sorted(set(parts["train"]) | {CharTokenizer.UNK}))
+    # the test split: every character scored, the unseen one as the unknown id
+    test = np.asarray(d.tokens["test"])
+    assert len(test) == len(parts["test"]) and int(test.max()) < tok.vocab_size
+    assert (test == tok.unk_id).sum() == 1 and (np.asarray(d.tokens["train"]) != tok.unk_id).all()
+    assert tok.decode(test.tolist()) == parts["test"].replace(snow, CharTokenizer.UNK)
+    (warning,) = [r.getMessage() for r in caplog.records if "outside the character" in r.message]
+    assert warning.startswith(f"the test split has 1 characters (1 distinct: {snow!r})")
+    # perplexity on it is finite
+    torch.manual_seed(0)
+    net = GPT(vocab_size=d.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=8)
+    x, y = next(iter(d.test_dataloader()))
+    assert torch.isfinite(F.cross_entropy(net(x).flatten(0, 1), y.flatten()))
+    # the checkpoint's tokenizer round-trips; a run restored with it reads the same cached ids
+    state = d.state_dict()
+    assert state["tokenizer"] == {"type": "char", "chars": tok.chars, "unk": CharTokenizer.UNK}
+    again = dm(path=str(f), cache_dir=str(tmp_path / "cache"))
+    again.load_state_dict(json.loads(json.dumps(state)))
+    again.setup("test")
+    assert isinstance(again.tokens["test"], np.memmap)
+    np.testing.assert_array_equal(again.tokens["test"], test)
+    # a checkpoint from before the unknown id (vocabulary of the whole corpus) still works
+    old = dm(path=str(f), cache_dir=str(tmp_path / "cache"))
+    old.load_state_dict({"tokenizer": {"type": "char", "chars": "".join(sorted(set(text)))}})
+    old.setup("test")
+    assert old.tokenizer.unk is None and old.tokenizer.decode(old.tokens["test"]) == parts["test"]
 
 
 def test_file_folder_glob_sources_and_contiguous_splits(tmp_path):
@@ -63,7 +110,6 @@ def test_hf_parquet_and_json_sources(tmp_path):
     assert "epoch of belief" in d.load_text()
     with pytest.raises(UserError, match="no column 'text'"):
         dm(path=str(tmp_path / "d.parquet")).setup("fit")
-    import json
 
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": r}) for r in rows))
     d = dm(path=str(tmp_path / "d.jsonl"), tokenizer="bpe", vocab_size=300)

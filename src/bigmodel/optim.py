@@ -24,13 +24,18 @@ _NO_DECAY_MODULES = (
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Split trainable parameters: decayed (weight matrices, conv kernels) and not decayed.
 
-    A parameter is decayed when it has 2+ dimensions and belongs to no embedding or norm layer;
-    a tied parameter (GPT's embedding = output head) counts as an embedding.
+    A parameter is decayed when it has 2+ dimensions, belongs to no embedding or norm layer, and
+    is not named by the `no_weight_decay()` of a module holding it (the timm convention: a net
+    returns the names of embeddings it keeps as raw parameters, such as position tables and class
+    tokens). A tied parameter (GPT's embedding = output head) counts as an embedding.
     """
     no_decay_ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, _NO_DECAY_MODULES):
             no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+        declared = getattr(module, "no_weight_decay", None)
+        if callable(declared):
+            no_decay_ids.update(id(_declared_parameter(module, name)) for name in declared())
     decay, no_decay, seen = [], [], set()
     for p in model.parameters():
         if not p.requires_grad or id(p) in seen:
@@ -41,6 +46,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return groups
+
+
+def _declared_parameter(module: nn.Module, name: str) -> nn.Parameter:
+    # A misspelt name would silently decay the embedding it meant to protect: refuse it.
+    try:
+        return module.get_parameter(name)
+    except AttributeError:
+        raise ValueError(
+            f"{type(module).__name__}.no_weight_decay() names {name!r}, which is not one of its "
+            "parameters"
+        ) from None
 
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):

@@ -372,12 +372,16 @@ def _train(cfg: DictConfig) -> float | None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     name = cfg.get("optimized_metric")
-    if name and (name in metrics or cfg.get("train", True)):
-        if name not in metrics:
-            logged = ", ".join(sorted(metrics))
+    if not name:
+        return None
+    if name not in metrics:
+        logged = ", ".join(sorted(metrics))
+        if _is_multirun() and cfg.get("train", True):  # a sweep has nothing to rank this trial by
             raise UserError(f"optimized_metric={name} was not logged; logged metrics: {logged}")
-        return metrics[name]
-    return None
+        # a plain run ends well without it (a run shorter than one validation interval, say)
+        log.warning(f"optimized_metric={name} was not logged (logged: {logged})")
+        return None
+    return metrics[name]
 
 
 def restore(ckpt_path: str, data_overrides: DictConfig | None = None):

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
+
+from bigmodel.errors import UserError
+from bigmodel.nets.gpt import check_sampling
+
+log = logging.getLogger("bigmodel")
 
 
 class TextSample(L.Callback):
@@ -13,6 +19,8 @@ class TextSample(L.Callback):
 
     The sample is printed, appended to `<run dir>/samples.txt` and sent to loggers with a text API
     (W&B, TensorBoard). Tasks without `generate_text`, or data without a tokenizer, are skipped.
+    A prompt the vocabulary cannot encode (a newline in a corpus without one) falls back to the
+    empty prompt's start token, or skips the sample, with a warning: sampling never ends a run.
     """
 
     def __init__(
@@ -24,11 +32,14 @@ class TextSample(L.Callback):
         seed: int = 0,
         every_n_validations: int = 1,
     ) -> None:
+        # Bad settings are a config error, reported before training rather than at the sample.
+        check_sampling(temperature, top_k, max_new_tokens, prefix="callbacks.text_sample.")
         self.prompt, self.max_new_tokens = prompt, max_new_tokens
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.every_n_validations = max(1, every_n_validations)
         self.validations = 0
         self.last_sample: str | None = None
+        self._warned: set[str] = set()
 
     @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -39,14 +50,9 @@ class TextSample(L.Callback):
         last = 0 < trainer.max_steps <= trainer.global_step  # always show the final model
         if (self.validations - 1) % self.every_n_validations and not last:
             return
-        text = pl_module.generate_text(
-            self.prompt,
-            tokenizer,
-            max_new_tokens=self.max_new_tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            seed=self.seed,
-        )[0]
+        text = self._sample(pl_module, tokenizer)
+        if text is None:
+            return
         self.last_sample = text
         step = trainer.global_step
         print(f"\n--- sample at step {step} ---\n{text}\n---", flush=True)
@@ -61,3 +67,31 @@ class TextSample(L.Callback):
                 logger.log_text(
                     "val/sample", columns=["step", "text"], data=[[step, text]], step=step
                 )
+
+    def _sample(self, pl_module: L.LightningModule, tokenizer) -> str | None:
+        """The sample from `prompt`, else from the start token, else None; warns once per cause."""
+        kwargs = {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
+        try:
+            return pl_module.generate_text(self.prompt, tokenizer, **kwargs)[0]
+        except UserError as e:
+            problem = f"callbacks.text_sample.prompt={self.prompt!r}: {e}"
+        if self.prompt:
+            try:
+                text = pl_module.generate_text("", tokenizer, **kwargs)[0]
+            except UserError as e:
+                problem += f"; the empty prompt: {e}"
+            else:
+                self._warn_once(f"{problem}; sampling from the empty prompt's start token instead")
+                return text
+        self._warn_once(f"{problem}; skipping the text samples")
+        return None
+
+    def _warn_once(self, message: str) -> None:
+        if message not in self._warned:
+            self._warned.add(message)
+            log.warning(message)

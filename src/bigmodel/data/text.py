@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from bigmodel.errors import UserError
+
+log = logging.getLogger("bigmodel")
 
 SPLITS = ("train", "val", "test")
 TEXT_SUFFIXES = {".txt", ".md", ".text"}
@@ -141,7 +144,10 @@ class TextDataModule(L.LightningDataModule):
     """Language-modelling data: text -> tokenizer -> cached token ids -> (x, y) windows.
 
     The text is split contiguously into train / val / test by `splits`; the tokenizer is trained
-    on the training text (the char vocabulary covers the whole corpus so no id is unknown).
+    on the training split only. The char vocabulary reserves an unknown character (U+FFFD) for
+    characters the training split lacks: those seen only in val / test are encoded as it, counted
+    in a warning, and scored like any other token, so val/test perplexity stays finite and covers
+    every character. BPE is byte-level and has no unknowns.
     """
 
     def __init__(
@@ -213,7 +219,7 @@ class TextDataModule(L.LightningDataModule):
         parts = self.split_text(text)
         if self.tokenizer is None:
             if self.tokenizer_kind == "char":
-                self.tokenizer = CharTokenizer.train(text)
+                self.tokenizer = CharTokenizer.train(parts["train"])
             else:
                 self.tokenizer = BPETokenizer.train(
                     parts["train"].splitlines(), vocab_size=self.bpe_vocab_size
@@ -223,6 +229,7 @@ class TextDataModule(L.LightningDataModule):
             text.encode() + tok_json.encode() + repr(self.splits).encode()
         ).hexdigest()[:16]
         for name, part in parts.items():
+            self._report_unknown(name, part)
             self.tokens[name] = self._cached_ids(key, name, part)
         need = self.block_size + 1
         for name in ("train", "val"):
@@ -232,6 +239,20 @@ class TextDataModule(L.LightningDataModule):
                     f"({need}); use a larger corpus, a smaller model.net.block_size, or change "
                     f"data.splits={list(self.splits)}"
                 )
+
+    def _report_unknown(self, split: str, text: str) -> None:
+        """Say how many characters of a split the char vocabulary encodes as unknown."""
+        if not isinstance(self.tokenizer, CharTokenizer) or self.tokenizer.unk is None:
+            return  # BPE is byte-level; a tokenizer without unk refuses them when encoding
+        unknown = sorted(self.tokenizer.unknown(text))
+        if unknown:
+            n = sum(text.count(c) for c in unknown)
+            shown = "".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
+            log.warning(
+                f"the {split} split has {n} characters ({len(unknown)} distinct: {shown!r}) "
+                "outside the character vocabulary (built from the training split); they are "
+                f"encoded as the unknown character {self.tokenizer.unk!r} and scored as such"
+            )
 
     def _cached_ids(self, key: str, split: str, text: str) -> np.ndarray:
         """Token ids of one split, encoded once and memory-mapped from the cache afterwards."""

@@ -19,18 +19,39 @@ class Tokenizer(Protocol):
 
 
 class CharTokenizer:
-    """One id per distinct character of the corpus (nanoGPT's shakespeare_char)."""
+    """One id per distinct character of the training text (nanoGPT's shakespeare_char).
 
-    def __init__(self, chars: str) -> None:
-        self.chars = chars
+    Trained tokenizers reserve one more id for `UNK`, U+FFFD (the Unicode replacement character):
+    characters the training text lacks, such as ones that occur only in the validation or test
+    split, encode as that id, so every split tokenizes and every character is scored. A tokenizer
+    without `unk` (checkpoints from before it existed) refuses unknown characters.
+    """
+
+    UNK = "\ufffd"
+
+    def __init__(self, chars: str, unk: str | None = None) -> None:
+        if unk is not None and unk not in chars:
+            raise ValueError(f"the unknown character {unk!r} must be one of the chars")
+        self.chars, self.unk = chars, unk
         self.stoi = {c: i for i, c in enumerate(chars)}
+        self.unk_id = None if unk is None else self.stoi[unk]
         self.vocab_size = len(chars)
 
     @classmethod
     def train(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
+        """The characters of `text` (the training split), sorted, plus `UNK`."""
+        return cls("".join(sorted(set(text) | {cls.UNK})), unk=cls.UNK)
 
-    def encode(self, text: str) -> list[int]:
+    def unknown(self, text: str) -> set[str]:
+        """The characters of `text` outside the vocabulary."""
+        return set(text).difference(self.stoi)
+
+    def encode(self, text: str, strict: bool = False) -> list[int]:
+        """Ids of `text`; unknown characters become `unk_id`, or an error when `strict` (prompts:
+        a model cannot read what it never saw) or when there is no `unk`."""
+        if self.unk_id is not None and not strict:
+            get, unk = self.stoi.get, self.unk_id
+            return [get(c, unk) for c in text]
         try:
             return [self.stoi[c] for c in text]
         except KeyError as e:
@@ -43,7 +64,10 @@ class CharTokenizer:
         return "".join(self.chars[i] for i in ids)
 
     def to_dict(self) -> dict:
-        return {"type": "char", "chars": self.chars}
+        state = {"type": "char", "chars": self.chars}
+        if self.unk is not None:  # absent: the dict of an older tokenizer stays as it was
+            state["unk"] = self.unk
+        return state
 
 
 class BPETokenizer:
@@ -142,7 +166,7 @@ class TokenizerPair:
 def tokenizer_from_dict(state: dict) -> CharTokenizer | BPETokenizer | TokenizerPair:
     kind = state.get("type")
     if kind == "char":
-        return CharTokenizer(state["chars"])
+        return CharTokenizer(state["chars"], state.get("unk"))
     if kind == "bpe":
         from tokenizers import Tokenizer
 

@@ -14,6 +14,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from bigmodel.errors import UserError
+
+
+def check_sampling(
+    temperature: float, top_k: int | None, max_new_tokens: int, prefix: str = ""
+) -> None:
+    """Refuse sampling settings that would silently mean something else; `prefix` is where the
+    keys live in the config (e.g. `callbacks.text_sample.`)."""
+    if not temperature >= 0:  # also NaN
+        raise UserError(
+            f"{prefix}temperature={temperature} must be >= 0; 0 decodes greedily (the most "
+            "likely token each step), higher values sample more randomly"
+        )
+    if top_k is not None and top_k < 1:
+        raise UserError(
+            f"{prefix}top_k={top_k} must be >= 1; {prefix}top_k=null samples from all tokens"
+        )
+    if max_new_tokens < 0:
+        raise UserError(f"{prefix}max_new_tokens={max_new_tokens} must be >= 0")
+
 
 @dataclass
 class GPTConfig:
@@ -159,15 +179,20 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Extend each row of idx (B, T) by max_new_tokens sampled tokens -> (B, T + n)."""
+        """Extend each row of idx (B, T) by max_new_tokens sampled tokens -> (B, T + n).
+
+        temperature=0 is greedy decoding (the most likely token each step, top_k unused);
+        top_k=None samples from all tokens.
+        """
+        check_sampling(temperature, top_k, max_new_tokens)
         for _ in range(max_new_tokens):
             ctx = idx[:, -self.config.block_size :]  # crop to the context the model can see
             logits = self(ctx)[:, -1, :]  # (B, vocab)
-            if temperature <= 0:  # greedy
-                nxt = logits.argmax(dim=-1, keepdim=True)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
             else:
                 logits = logits / temperature
-                if top_k is not None and top_k > 0:
+                if top_k is not None:
                     kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                     logits = logits.masked_fill(logits < kth, float("-inf"))
                 probs = F.softmax(logits.float(), dim=-1)

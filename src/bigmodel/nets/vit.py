@@ -118,6 +118,10 @@ class ViT(nn.Module):
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
 
+    def no_weight_decay(self) -> set[str]:
+        """Embeddings held as raw parameters; `optim.param_groups` never decays them."""
+        return {"pos_embed"} | ({"cls_token"} if self.cls_token is not None else set())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
         if x.shape[-2:] != (cfg.image_size, cfg.image_size):

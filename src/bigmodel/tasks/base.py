@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from typing import Any
 
 import lightning as L
@@ -12,6 +13,8 @@ import torch.nn as nn
 
 from bigmodel.callbacks import batch_size
 from bigmodel.optim import param_groups
+
+log = logging.getLogger("bigmodel")
 
 
 class Task(L.LightningModule):
@@ -74,6 +77,11 @@ class Task(L.LightningModule):
             # ~10 % faster per step for a transformer's many small tensors (CUDA uses them anyway)
             extra["foreach"] = True
         optimizer = factory(param_groups(self, weight_decay), **extra)
+        if self._trainer is None or self.trainer.is_global_zero:  # once, not once per rank
+            log.info(
+                f"optimizer: {type(optimizer).__name__} (lr={optimizer.defaults.get('lr')}, "
+                f"weight_decay={weight_decay})"
+            )
         if not self.scheduler_config or self.scheduler_config.get("scheduler") is None:
             return optimizer
         sched = dict(self.scheduler_config)

@@ -9,6 +9,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
+from bigmodel.data.tokenizers import CharTokenizer
+from bigmodel.errors import UserError
+from bigmodel.nets.gpt import check_sampling
 from bigmodel.tasks.base import Task
 
 
@@ -73,16 +76,49 @@ class LanguageModel(Task):
         num_samples: int = 1,
         seed: int | None = None,
     ) -> list[str]:
-        """Sample continuations of `prompt` and return them decoded (prompt included)."""
-        was_training = self.training
-        self.eval()
-        ids = tokenizer.encode(prompt) or [0]
-        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)
+        """Sample continuations of `prompt` and return them decoded (prompt included).
+
+        An empty prompt starts from `start_token`, which the returned text leaves out.
+        """
+        check_sampling(temperature, top_k, max_new_tokens)  # before the prompt: name the key
+        if num_samples < 1:
+            raise UserError(f"num_samples={num_samples} must be >= 1")
+        ids = encode_prompt(tokenizer, prompt) if prompt else [start_token(tokenizer)]
+        skip = 0 if prompt else 1
+        idx = torch.tensor([ids] * num_samples, dtype=torch.long, device=self.device)  # (N, T)
         g = None
         if seed is not None:
             g = torch.Generator(device=self.device).manual_seed(seed)
-        out = self.net.generate(
-            idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g
-        )
-        self.train(was_training)
-        return [tokenizer.decode(row.tolist()) for row in out]
+        was_training = self.training
+        self.eval()
+        try:
+            out = self.net.generate(
+                idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g
+            )  # (N, T + max_new_tokens)
+        finally:
+            self.train(was_training)
+        return [tokenizer.decode(row[skip:].tolist()) for row in out]
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a prompt. A character the char vocabulary lacks is an error here, not the
+    unknown id the data gets: the model cannot read what it never saw."""
+    if isinstance(tokenizer, CharTokenizer):
+        return tokenizer.encode(prompt, strict=True)
+    return tokenizer.encode(prompt)
+
+
+def start_token(tokenizer) -> int:
+    """The id an empty prompt starts from: a newline, what separates the documents and paragraphs
+    of the training text; a space for a char vocabulary without newlines."""
+    for text in ("\n", " "):
+        try:
+            ids = encode_prompt(tokenizer, text)
+        except UserError:
+            continue
+        if len(ids) == 1:
+            return ids[0]
+    raise UserError(
+        'prompt="" starts from a newline or a space, and this model\'s vocabulary has neither; '
+        'give a prompt, e.g. prompt="The"'
+    )
