@@ -63,8 +63,11 @@ def run(args) -> dict:
     from lightning.fabric.utilities.throughput import get_available_flops
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    size = SIZES.get(args.model, {}) | ({"n_embd": args.width, "n_head": args.width // 64,
-                                         "n_layer": args.layers} if args.width else {})
+    size = SIZES.get(args.model, {}) | (
+        {"n_embd": args.width, "n_head": args.width // 64, "n_layer": args.layers}
+        if args.width
+        else {}
+    )
     net = GPT(vocab_size=50304, block_size=args.block, bias=False, **size)
     opt = partial(torch.optim.AdamW, lr=6e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     task = LanguageModel(net, optimizer=opt, compile=args.compile)
@@ -79,32 +82,72 @@ def run(args) -> dict:
 
             task.optimizer_factory = partial(DeepSpeedCPUAdam, lr=6e-4, weight_decay=0.1)
     timer = Timer(args.warmup)
-    trainer = L.Trainer(accelerator="gpu", devices=1, strategy=strategy, precision="bf16-mixed",
-                        max_steps=args.warmup + args.steps, logger=False, callbacks=[timer],
-                        enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, gradient_clip_val=1.0, num_sanity_val_steps=0,
-                        limit_val_batches=0)
-    data = DataLoader(RandomTokens(args.batch * (args.warmup + args.steps + 2), args.block, 50304),
-                      batch_size=args.batch, num_workers=4, pin_memory=True, drop_last=True)
+    trainer = L.Trainer(
+        accelerator="gpu",
+        devices=1,
+        strategy=strategy,
+        precision="bf16-mixed",
+        max_steps=args.warmup + args.steps,
+        logger=False,
+        callbacks=[timer],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=1.0,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    data = DataLoader(
+        RandomTokens(args.batch * (args.warmup + args.steps + 2), args.block, 50304),
+        batch_size=args.batch,
+        num_workers=4,
+        pin_memory=True,
+        drop_last=True,
+    )
     torch.cuda.reset_peak_memory_stats()
     trainer.fit(task, train_dataloaders=data)
     tokens_per_s = timer.steps * args.batch * args.block / timer.seconds
     flops_per_token = net.flops_per_token(args.block)
     peak = get_available_flops(torch.device("cuda"), torch.bfloat16) or 989e12
-    return {"model": args.model, "width": net.config.n_embd, "layers": net.config.n_layer,
-            "params_M": net.num_params() / 1e6, "batch": args.batch, "block": args.block,
-            "strategy": args.strategy, "compile": args.compile, "tokens_per_s": tokens_per_s,
-            "mfu": flops_per_token * tokens_per_s / peak, "peak_flops": peak,
-            "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9,
-            "gpu": torch.cuda.get_device_name()}
+    return {
+        "model": args.model,
+        "width": net.config.n_embd,
+        "layers": net.config.n_layer,
+        "params_M": net.num_params() / 1e6,
+        "batch": args.batch,
+        "block": args.block,
+        "strategy": args.strategy,
+        "compile": args.compile,
+        "tokens_per_s": tokens_per_s,
+        "mfu": flops_per_token * tokens_per_s / peak,
+        "peak_flops": peak,
+        "peak_mem_GB": torch.cuda.max_memory_allocated() / 1e9,
+        "gpu": torch.cuda.get_device_name(),
+    }
 
 
 def max_width(args) -> dict:
     """Largest n_embd (24 layers, head size 64) whose training step fits, one subprocess each."""
     fits = None
     for width in (1024, 2048, 3072, 4096, 5120, 6144, 8192):
-        cmd = [sys.executable, __file__, "--width", str(width), "--layers", "24", "--batch", "8",
-               "--block", "1024", "--steps", "2", "--warmup", "1", "--strategy", args.strategy]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--width",
+            str(width),
+            "--layers",
+            "24",
+            "--batch",
+            "8",
+            "--block",
+            "1024",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--strategy",
+            args.strategy,
+        ]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.trial_timeout)
         except subprocess.TimeoutExpired:
@@ -117,8 +160,11 @@ def max_width(args) -> dict:
                 print(proc.stderr[-2000:])
             break
         fits = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"width {width}: fits ({fits['params_M']:.0f} M params, "
-              f"{fits['peak_mem_GB']:.1f} GB peak)", flush=True)
+        print(
+            f"width {width}: fits ({fits['params_M']:.0f} M params, "
+            f"{fits['peak_mem_GB']:.1f} GB peak)",
+            flush=True,
+        )
     return {"strategy": args.strategy, "largest": fits}
 
 
@@ -131,8 +177,9 @@ def main() -> None:
     p.add_argument("--block", type=int, default=1024)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--strategy", default="auto",
-                   help="auto, ddp, deepspeed_stage_3, deepspeed_stage_3_offload")
+    p.add_argument(
+        "--strategy", default="auto", help="auto, ddp, deepspeed_stage_3, deepspeed_stage_3_offload"
+    )
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--max-width", action="store_true")
     p.add_argument("--trial-timeout", type=float, default=150)

@@ -34,7 +34,10 @@ STAGES = {  # config name -> (stage, optimizer offloaded, parameters offloaded)
     "deepspeed_stage_3_offload": (3, True, True),
 }
 TINY_DS = [o for o in TINY_LM if not o.startswith(("callbacks.", "scheduler."))] + [
-    "callbacks=none", "logger=[]", "data.batch_size=4", "scheduler=none",
+    "callbacks=none",
+    "logger=[]",
+    "data.batch_size=4",
+    "scheduler=none",
 ]
 
 
@@ -71,8 +74,14 @@ def deepspeed():
 def test_generated_config_agrees_with_trainer(deepspeed, name, precision, tmp_path):
     stage, offload_opt, offload_params = STAGES[name]
     ds, _, _, cfg = generated_config(
-        name, [f"precision={precision}", "trainer.gradient_clip_val=0.5",
-               "trainer.accumulate_grad_batches=3"], tmp_path)
+        name,
+        [
+            f"precision={precision}",
+            "trainer.gradient_clip_val=0.5",
+            "trainer.accumulate_grad_batches=3",
+        ],
+        tmp_path,
+    )
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage
     assert ("offload_optimizer" in zero) == offload_opt
@@ -92,35 +101,56 @@ def test_generated_config_agrees_with_trainer(deepspeed, name, precision, tmp_pa
 def test_global_batch_size_reaches_deepspeed(deepspeed, tmp_path):
     from bigmodel.run import build_trainer, set_accumulation
 
-    cfg = compose_config("train", [*TINY_DS, "strategy=deepspeed_stage_2", "global_batch_size=16"],
-                         tmp_path)
+    cfg = compose_config(
+        "train", [*TINY_DS, "strategy=deepspeed_stage_2", "global_batch_size=16"], tmp_path
+    )
     trainer = build_trainer(cfg, accelerator="cpu", devices=1, logger=False)
     set_accumulation(cfg, trainer)
     assert trainer.accumulate_grad_batches == 4  # 16 = 4 per device x 1 device x 4 steps
 
 
 def test_config_file_passes_through_unchanged(deepspeed, tmp_path):
-    own = {"zero_optimization": {"stage": 3, "stage3_max_live_parameters": 12345},
-           "train_micro_batch_size_per_gpu": 4,
-           "bf16": {"enabled": True}, "wall_clock_breakdown": True}
+    own = {
+        "zero_optimization": {"stage": 3, "stage3_max_live_parameters": 12345},
+        "train_micro_batch_size_per_gpu": 4,
+        "bf16": {"enabled": True},
+        "wall_clock_breakdown": True,
+    }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(own))
-    ds, *_ = generated_config("deepspeed", [f"strategy.config={path}", "precision=bf16-mixed",
-                                            "trainer.gradient_clip_val=0"], tmp_path)
+    ds, *_ = generated_config(
+        "deepspeed",
+        [f"strategy.config={path}", "precision=bf16-mixed", "trainer.gradient_clip_val=0"],
+        tmp_path,
+    )
     for key, value in own.items():
         assert ds[key] == value
 
 
 # ------------------------------------------------------------------------- ZeRO on 2 CPU ranks
 def _torchrun(tmp_path: Path, *args: str, timeout: float = 600) -> dict:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu",
-           "OMP_NUM_THREADS": "1", "BIGMODEL_ROOT": str(tmp_path)}
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "BIGMODEL_ROOT": str(tmp_path),
+    }
     out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-           "--master_port", str(29500 + os.getpid() % 1000), __file__, str(tmp_path), str(out),
-           *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
-                          cwd=tmp_path)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port",
+        str(29500 + os.getpid() % 1000),
+        __file__,
+        str(tmp_path),
+        str(out),
+        *args,
+    ]
+    proc = subprocess.run(
+        cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+    )
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
     return json.loads(out.read_text())
 
@@ -153,8 +183,9 @@ def test_zero_stages_train_on_cpu(deepspeed, tmp_path):
         torch.testing.assert_close(ckpt["state_dict"][k], v.float(), rtol=0, atol=1e-2)
     proc = run_cli("eval.py", f"ckpt_path={single}", cwd=tmp_path)
     assert "test/loss" in proc.stdout
-    proc = run_cli("generate.py", f"ckpt_path={single}", "max_new_tokens=10", "prompt=The",
-                   cwd=tmp_path)
+    proc = run_cli(
+        "generate.py", f"ckpt_path={single}", "max_new_tokens=10", "prompt=The", cwd=tmp_path
+    )
     assert proc.stdout.startswith("The")
 
 
@@ -176,14 +207,17 @@ def _worker(root: Path, out: Path, strategies: list[str]) -> None:
     results = {}
     for name in strategies:
         ds, task, dm, cfg = generated_config(
-            name, ["precision=bf16-mixed", "optimizer.lr=0.01", "trainer.gradient_clip_val=1.0"],
-            root / name)
+            name,
+            ["precision=bf16-mixed", "optimizer.lr=0.01", "trainer.gradient_clip_val=1.0"],
+            root / name,
+        )
         for key in ("offload_optimizer", "offload_param"):  # pinned memory needs CUDA
             ds["zero_optimization"].get(key, {})["pin_memory"] = False
         optimizer = task.configure_optimizers()
         optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
-        engine, *_ = deepspeed.initialize(model=task, optimizer=optimizer, config=ds,
-                                          dist_init_required=False)
+        engine, *_ = deepspeed.initialize(
+            model=task, optimizer=optimizer, config=ds, dist_init_required=False
+        )
         loader = iter(dm.train_dataloader())
         losses, steps = [], 12
         for i in range(steps * world):
@@ -203,9 +237,13 @@ def _worker(root: Path, out: Path, strategies: list[str]) -> None:
             # the Lightning/bigmodel records as client state
             ckpt_dir = root / name / "last.ckpt"
             task.run_config = cfg_container(cfg)
-            client = {"epoch": 0, "global_step": steps, "pytorch-lightning_version": "2.6",
-                      "bigmodel": {"config": task.run_config, "task": type(task).__name__},
-                      "TextDataModule": {"tokenizer": dm.tokenizer.to_dict()}}
+            client = {
+                "epoch": 0,
+                "global_step": steps,
+                "pytorch-lightning_version": "2.6",
+                "bigmodel": {"config": task.run_config, "task": type(task).__name__},
+                "TextDataModule": {"tokenizer": dm.tokenizer.to_dict()},
+            }
             engine.save_checkpoint(str(ckpt_dir), client_state=client, tag="checkpoint")
             with deepspeed.zero.GatheredParameters(list(task.parameters())):
                 full = {k: v.detach().float().clone() for k, v in task.state_dict().items()}

@@ -143,6 +143,15 @@ def test_sample_callback_without_its_prompt_character_keeps_training(tmp_path):
     assert log.count("sampling from the empty prompt's start token instead") == 1  # warned once
 
 
+def test_sample_callback_survives_a_diverged_model(tmp_path):
+    """Non-finite logits cannot be sampled: the sample is skipped, with a warning."""
+    proc = run_cli("train.py", *TINY_LM, "optimizer.lr=1e9", "test=false", cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    assert "--- sample at step" not in proc.stdout
+    assert "no text sample at this validation" in (run / "train.log").read_text()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("gpt_run")

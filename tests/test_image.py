@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import gzip
+import json
 import pickle
 import struct
 
@@ -15,7 +17,6 @@ from bigmodel.data import ImageDataModule
 from bigmodel.data.image import random_crop, random_hflip, split_indices
 from bigmodel.errors import UserError
 from tests.conftest import run_cli, run_dirs
-
 
 
 def write_image_folder(
@@ -208,20 +209,24 @@ def test_augmentation_ops():
 
 
 def test_cli_image_folder_trains_and_rejects_bad_data(tmp_path):
-    write_image_folder(tmp_path / "imgs", per_class=10)
+    write_image_folder(tmp_path / "imgs", per_class=20)
+    # 10 epochs of 6 small batches at a higher learning rate: the corner squares are learned
     run_cli(
         "train.py",
         "data=image_folder",
         f"data.root={tmp_path / 'imgs'}",
         "data.image_size=16",
+        "data.batch_size=8",
         "model=cnn",
         "model.net.widths=[8,16]",
         "loss=cross_entropy",
+        "optimizer.lr=0.01",
         "scheduler=none",
         "trainer.max_steps=-1",
-        "trainer.max_epochs=1",
+        "trainer.max_epochs=10",
         "trainer.val_check_interval=1.0",
         "trainer.check_val_every_n_epoch=1",
+        "trainer.log_every_n_steps=2",
         "callbacks.text_sample=null",
         "callbacks.throughput.length_fn=null",
         cwd=tmp_path,
@@ -229,6 +234,11 @@ def test_cli_image_folder_trains_and_rejects_bad_data(tmp_path):
     )
     (run,) = run_dirs(tmp_path)
     assert (run / "confusion_matrix.png").is_file()
+    with open(run / "csv" / "metrics.csv") as f:
+        losses = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.5, losses  # from about ln(3) = 1.1
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test/acc"] > 1 / 3 + 0.4, metrics["test/acc"]  # three classes
     (tmp_path / "imgs" / "train" / "cat" / "bad.jpg").write_bytes(b"\xff\xd8\xffjunk")
     proc = run_cli(
         "train.py",

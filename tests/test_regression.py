@@ -16,7 +16,6 @@ from bigmodel.tasks.regression import regression_metrics
 from tests.conftest import compose_config, run_cli, run_dirs
 
 
-
 def test_metrics_equal_sklearn_on_fixed_predictions():
     g = torch.Generator().manual_seed(0)
     y = torch.randn(200, 3, generator=g) * torch.tensor([1.0, 5.0, 0.2])

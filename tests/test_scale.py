@@ -65,10 +65,17 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path):
     """
     one, two = tmp_path / "one", tmp_path / "two"
     one.mkdir(), two.mkdir()
-    run_cli("train.py", *TINY_DDP, "trainer=ddp_cpu", "trainer.devices=1", "data.batch_size=16",
-            cwd=one)
-    run_cli("train.py", *TINY_DDP, "trainer=ddp_cpu", "trainer.devices=2", "global_batch_size=16",
-            cwd=two)
+    run_cli(
+        "train.py", *TINY_DDP, "trainer=ddp_cpu", "trainer.devices=1", "data.batch_size=16", cwd=one
+    )
+    run_cli(
+        "train.py",
+        *TINY_DDP,
+        "trainer=ddp_cpu",
+        "trainer.devices=2",
+        "global_batch_size=16",
+        cwd=two,
+    )
     (r1,), (r2,) = run_dirs(one), run_dirs(two)
     l1, l2 = val_losses(r1), val_losses(r2)
     assert len(l1) == len(l2) == 2
@@ -89,8 +96,16 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path):
 
 
 def test_ddp_multirun_gives_one_run_directory_per_job(tmp_path):
-    run_cli("train.py", "-m", *TINY_DDP, "trainer=ddp_cpu", "trainer.max_steps=6",
-            "seed=1,2", "test=false", cwd=tmp_path)
+    run_cli(
+        "train.py",
+        "-m",
+        *TINY_DDP,
+        "trainer=ddp_cpu",
+        "trainer.max_steps=6",
+        "seed=1,2",
+        "test=false",
+        cwd=tmp_path,
+    )
     (sweep,) = (tmp_path / "logs" / "train" / "multiruns").iterdir()
     jobs = sorted(p.name for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
     assert jobs == ["0", "1"]
@@ -130,29 +145,54 @@ class StepSpy(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.batches_seen += 1
         if not hasattr(self, "_hook"):
+
             def hook(_, __, output):
                 self.forward_dtypes.add(output.dtype)
+
             self._hook = pl_module.net.blocks[0].attn.qkv.register_forward_hook(hook)
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        self.steps.append({"batches": self.batches_seen,
-                           "param_dtype": next(pl_module.parameters()).dtype,
-                           "grad_norm_before_clip": float(torch.linalg.vector_norm(
-                               torch.stack([torch.linalg.vector_norm(g) for g in grads])))})
+        self.steps.append(
+            {
+                "batches": self.batches_seen,
+                "param_dtype": next(pl_module.parameters()).dtype,
+                "grad_norm_before_clip": float(
+                    torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g) for g in grads])
+                    )
+                ),
+            }
+        )
 
 
 def fit_with_spy(tmp_path: Path, *overrides: str) -> tuple[StepSpy, L.LightningModule]:
     tiny = [o for o in TINY_LM if not o.startswith(("scheduler.", "callbacks."))]
-    cfg = compose_config("train", [*tiny, "trainer.max_steps=4", "trainer.limit_val_batches=0",
-                                   "callbacks=none", "logger=[]", "scheduler=none", *overrides],
-                         tmp_path)
+    cfg = compose_config(
+        "train",
+        [
+            *tiny,
+            "trainer.max_steps=4",
+            "trainer.limit_val_batches=0",
+            "callbacks=none",
+            "logger=[]",
+            "scheduler=none",
+            *overrides,
+        ],
+        tmp_path,
+    )
     dm = hydra.utils.instantiate(cfg.data)
     dm.setup("fit")
     task = build_task(cfg, dm)
     spy = StepSpy()
-    trainer = build_trainer(cfg, callbacks=[spy], logger=False, enable_checkpointing=False,
-                            enable_progress_bar=False, default_root_dir=str(tmp_path))
+    trainer = build_trainer(
+        cfg,
+        callbacks=[spy],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        default_root_dir=str(tmp_path),
+    )
     set_accumulation(cfg, trainer)
     clipped: list[float] = []
     original = trainer.precision_plugin.clip_gradients
@@ -208,8 +248,9 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
 
     torch.manual_seed(0)
     net = GPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
-    ckpt_net = GPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16,
-                   activation_checkpointing=True)
+    ckpt_net = GPT(
+        vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, activation_checkpointing=True
+    )
     ckpt_net.load_state_dict(net.state_dict())
     x = torch.randint(0, 50, (2, 16))
     for m in (net, ckpt_net):
@@ -221,11 +262,23 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
 # -------------------------------------------------------------------------------- SIGTERM
 @pytest.mark.slow
 def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
-    args = [*TINY_LM, "trainer.max_steps=100000", "trainer.val_check_interval=1000",
-            "trainer.log_every_n_steps=1", "+logger.csv.flush_logs_every_n_steps=1", "test=false"]
+    args = [
+        *TINY_LM,
+        "trainer.max_steps=100000",
+        "trainer.val_check_interval=1000",
+        "trainer.log_every_n_steps=1",
+        "+logger.csv.flush_logs_every_n_steps=1",
+        "test=false",
+    ]
     env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         metrics = None
@@ -248,8 +301,14 @@ def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
     step = ckpt["global_step"]
     assert 1 <= step < 100000
     assert any(v.get("sigterm") for v in ckpt["callbacks"].values())
-    run_cli("train.py", *TINY_LM, "ckpt_path=last", f"trainer.max_steps={step + 3}",
-            "test=false", cwd=tmp_path)
+    run_cli(
+        "train.py",
+        *TINY_LM,
+        "ckpt_path=last",
+        f"trainer.max_steps={step + 3}",
+        "test=false",
+        cwd=tmp_path,
+    )
     resumed = [r for r in run_dirs(tmp_path) if r != run]
     assert len(resumed) == 1
     final = torch.load(resumed[0] / "checkpoints" / "last.ckpt", weights_only=True)
@@ -257,8 +316,17 @@ def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ GPU
-GPU_STRATEGIES = ["auto", "ddp", "fsdp", "fsdp2", "deepspeed_stage_1", "deepspeed_stage_2",
-                  "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload"]
+GPU_STRATEGIES = [
+    "auto",
+    "ddp",
+    "fsdp",
+    "fsdp2",
+    "deepspeed_stage_1",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -268,8 +336,15 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 def test_gpu_strategy_trains_the_gpt(strategy, tmp_path):
     if strategy.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
-    run_cli("train.py", *TINY_DDP, "trainer=gpu", f"strategy={strategy}", "precision=bf16-mixed",
-            "test=false", cwd=tmp_path)
+    run_cli(
+        "train.py",
+        *TINY_DDP,
+        "trainer=gpu",
+        f"strategy={strategy}",
+        "precision=bf16-mixed",
+        "test=false",
+        cwd=tmp_path,
+    )
     (run,) = run_dirs(tmp_path)
     losses = val_losses(run)
     assert len(losses) == 2 and losses[1] < losses[0]
@@ -285,8 +360,15 @@ def test_gpu_strategy_trains_the_gpt(strategy, tmp_path):
 @cuda
 @pytest.mark.parametrize("precision", ["32-true", "16-mixed", "bf16-mixed", "bf16-true"])
 def test_gpu_precision_trains_the_gpt(precision, tmp_path):
-    run_cli("train.py", *TINY_DDP, "trainer=gpu", f"precision={precision}", "model.compile=true",
-            "test=false", cwd=tmp_path)
+    run_cli(
+        "train.py",
+        *TINY_DDP,
+        "trainer=gpu",
+        f"precision={precision}",
+        "model.compile=true",
+        "test=false",
+        cwd=tmp_path,
+    )
     (run,) = run_dirs(tmp_path)
     losses = val_losses(run)
     assert len(losses) == 2 and losses[1] < losses[0]

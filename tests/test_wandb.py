@@ -34,11 +34,11 @@ def read_wandb(path: Path) -> list:
         if left < 7:  # block trailer too short for a header: padding
             pos += left
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if kind == 0 and length == 0:
             pos += left
             continue
-        chunk = data[pos + 7:pos + 7 + length]
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         buf = chunk if kind in (1, 2) else buf + chunk
         if kind in (1, 4):
@@ -66,9 +66,14 @@ def all_files(root: Path) -> list[Path]:
 def test_wandb_offline_run_mlflow_tensorboard_and_no_leaked_key(tmp_path):
     env = {"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "WANDB_DIR": str(tmp_path)}
     proc = run_cli(
-        "train.py", "logger=[wandb,mlflow,tensorboard]", *TINY_LM, "tags=[tiny,tracking]",
+        "train.py",
+        "logger=[wandb,mlflow,tensorboard]",
+        *TINY_LM,
+        "tags=[tiny,tracking]",
         # a config that reads a key from the environment: trackers and checkpoints get it masked
-        "+service.api_key=${oc.env:WANDB_API_KEY}", cwd=tmp_path, env=env,
+        "+service.api_key=${oc.env:WANDB_API_KEY}",
+        cwd=tmp_path,
+        env=env,
     )
     (run,) = run_dirs(tmp_path)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -114,8 +119,15 @@ def test_wandb_offline_run_mlflow_tensorboard_and_no_leaked_key(tmp_path):
     assert FAKE_KEY not in proc.stdout + proc.stderr
 
     # resuming the run from its checkpoint continues the same W&B run
-    run_cli("train.py", "logger=wandb", *TINY_LM, "trainer.max_steps=18",
-            f"ckpt_path={run}/checkpoints/last.ckpt", cwd=tmp_path, env=env)
+    run_cli(
+        "train.py",
+        "logger=wandb",
+        *TINY_LM,
+        "trainer.max_steps=18",
+        f"ckpt_path={run}/checkpoints/last.ckpt",
+        cwd=tmp_path,
+        env=env,
+    )
     (_, resumed) = run_dirs(tmp_path)
     assert (resumed / "wandb_id.txt").read_text().strip() == run_id
     (offline2,) = (resumed / "wandb").glob(f"offline-run-*-{run_id}")
@@ -127,12 +139,23 @@ def test_wandb_offline_run_mlflow_tensorboard_and_no_leaked_key(tmp_path):
 def test_wandb_group_and_name_in_a_sweep(tmp_path):
     """Trials of a sweep are grouped by the study and named after their trial."""
     run_cli(
-        "train.py", "-m", "hparams_search=gpt_optuna", "logger=wandb", "model.net.n_layer=1",
-        "model.net.n_head=2", "model.net.n_embd=32", "model.net.block_size=32",
-        "data.batch_size=8", "data.max_eval_windows=8", "trainer.max_steps=4",
-        "trainer.val_check_interval=2", "scheduler.scheduler.warmup_steps=2",
+        "train.py",
+        "-m",
+        "hparams_search=gpt_optuna",
+        "logger=wandb",
+        "model.net.n_layer=1",
+        "model.net.n_head=2",
+        "model.net.n_embd=32",
+        "model.net.block_size=32",
+        "data.batch_size=8",
+        "data.max_eval_windows=8",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "scheduler.scheduler.warmup_steps=2",
         "hydra.sweeper.n_trials=1",
-        "hydra.sweeper.study_name=grouped", cwd=tmp_path, env={"WANDB_MODE": "offline"},
+        "hydra.sweeper.study_name=grouped",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
     )
     trial = tmp_path / "logs" / "train" / "multiruns" / "grouped" / "0"
     run_id = (trial / "wandb_id.txt").read_text().strip()

@@ -21,9 +21,19 @@ import torch
 from bigmodel.errors import UserError
 
 # DeepSpeed bookkeeping in the model-states file: not needed (nor all loadable) without DeepSpeed.
-_DEEPSPEED_KEYS = {"ds_config", "ds_version", "buffer_names", "param_shapes", "frozen_param_shapes",
-                   "shared_params", "frozen_param_fragments", "optimizer", "lr_scheduler",
-                   "optimizer_states", "lr_schedulers"}
+_DEEPSPEED_KEYS = {
+    "ds_config",
+    "ds_version",
+    "buffer_names",
+    "param_shapes",
+    "frozen_param_shapes",
+    "shared_params",
+    "frozen_param_fragments",
+    "optimizer",
+    "lr_scheduler",
+    "optimizer_states",
+    "lr_schedulers",
+}
 
 
 def _plain(value) -> bool:
@@ -42,29 +52,40 @@ def convert(checkpoint_dir: str | Path, output_file: str | Path | None = None) -
     """Consolidate a DeepSpeed checkpoint folder into one weights-only-loadable .ckpt file."""
     src = Path(checkpoint_dir)
     if not src.is_dir():
-        raise UserError(f"{src} is not a DeepSpeed checkpoint folder; pass the .ckpt folder that "
-                        "strategy=deepspeed_* wrote (a .ckpt file needs no conversion)")
+        raise UserError(
+            f"{src} is not a DeepSpeed checkpoint folder; pass the .ckpt folder that "
+            "strategy=deepspeed_* wrote (a .ckpt file needs no conversion)"
+        )
     try:
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
     except ImportError as e:  # pragma: no cover - depends on the install
         raise UserError(f"converting needs deepspeed: pip install deepspeed ({e})") from None
-    out = Path(output_file) if output_file else src.with_name(src.name.removesuffix(".ckpt")
-                                                               + ".consolidated.ckpt")
+    out = (
+        Path(output_file)
+        if output_file
+        else src.with_name(src.name.removesuffix(".ckpt") + ".consolidated.ckpt")
+    )
     try:
         state = convert_zero_checkpoint_to_fp32_state_dict(src, out)
     except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{src} is not a DeepSpeed checkpoint ({e}); pass the folder "
-                        "strategy=deepspeed_* wrote") from None
+        raise UserError(
+            f"{src} is not a DeepSpeed checkpoint ({e}); pass the folder strategy=deepspeed_* wrote"
+        ) from None
     clean = {k: v for k, v in state.items() if k not in _DEEPSPEED_KEYS and _plain(v)}
-    clean["state_dict"] = {k: v.float().contiguous() if v.is_floating_point() else v
-                           for k, v in state["state_dict"].items()}
+    clean["state_dict"] = {
+        k: v.float().contiguous() if v.is_floating_point() else v
+        for k, v in state["state_dict"].items()
+    }
     torch.save(clean, out)
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bigmodel.convert", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bigmodel.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkpoint_dir", help="the DeepSpeed checkpoint folder (…/last.ckpt)")
     parser.add_argument("output_file", nargs="?", help="where to write the single .ckpt file")
     args = parser.parse_args(argv)

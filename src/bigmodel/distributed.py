@@ -89,8 +89,12 @@ def fsdp2_strategy(save_distributed_checkpoint: bool = False, **kwargs: Any):
             self._data_parallel_size = self.num_nodes * self.num_processes
             super().setup_environment()
 
-    return FSDP2Strategy(data_parallel_size="auto", tensor_parallel_size=1,
-                         save_distributed_checkpoint=save_distributed_checkpoint, **kwargs)
+    return FSDP2Strategy(
+        data_parallel_size="auto",
+        tensor_parallel_size=1,
+        save_distributed_checkpoint=save_distributed_checkpoint,
+        **kwargs,
+    )
 
 
 # ------------------------------------------------------------------------------ DDP + Hydra
@@ -131,4 +135,3 @@ def patch_ddp_hydra_launcher() -> None:
 
     fabric_launcher._hydra_subprocess_cmd = _hydra_subprocess_cmd
     trainer_launcher._hydra_subprocess_cmd = _hydra_subprocess_cmd
-

@@ -47,7 +47,8 @@ def redact(value: Any, secrets: Sequence[str] | None = None) -> Any:
     secrets = secret_values() if secrets is None else secrets
     if isinstance(value, dict):
         return {
-            k: REDACTED if isinstance(k, str) and _SECRET_NAME.search(k) and v not in (None, "")
+            k: REDACTED
+            if isinstance(k, str) and _SECRET_NAME.search(k) and v not in (None, "")
             else redact(v, secrets)
             for k, v in value.items()
         }
@@ -149,8 +150,15 @@ def wandb_logger(
         _offline_runs.append(f"{out}/wandb/offline-run-*-{run_id}")
         log.info(f"W&B runs offline (no WANDB_API_KEY, or WANDB_MODE=offline): {out}/wandb")
     return WandbLogger(
-        save_dir=str(out), project=project, name=name, group=group, tags=list(tags or []),
-        log_model=log_model, id=run_id, resume="allow", **kwargs,
+        save_dir=str(out),
+        project=project,
+        name=name,
+        group=group,
+        tags=list(tags or []),
+        log_model=log_model,
+        id=run_id,
+        resume="allow",
+        **kwargs,
     )
 
 

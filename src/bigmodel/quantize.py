@@ -97,8 +97,15 @@ def evaluate_quantized(
     finally:
         task.net = full_net
     metrics = {**q, **{f"fp32/{k}": v for k, v in fp32.items()}}
-    metrics.update({"size_mb": q_size, "fp32/size_mb": fp32_size, "time_s": q_s,
-                    "fp32/time_s": fp32_s, "speedup": fp32_s / q_s})
+    metrics.update(
+        {
+            "size_mb": q_size,
+            "fp32/size_mb": fp32_size,
+            "time_s": q_s,
+            "fp32/time_s": fp32_s,
+            "speedup": fp32_s / q_s,
+        }
+    )
     rows = [("checkpoint MB (net)", fp32_size, q_size)]
     rows += [(k, fp32[k], q.get(k, float("nan"))) for k in sorted(fp32)]
     rows += [("test time s", fp32_s, q_s)]

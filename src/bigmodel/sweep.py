@@ -148,7 +148,9 @@ def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: 
         # parallel trials write intermediate values at the same moment: wait for the lock
         engine_kwargs = {"connect_args": {"timeout": 60}}
     return optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+        url,
+        engine_kwargs=engine_kwargs,
+        heartbeat_interval=heartbeat_interval,
         grace_period=grace_period,
     )
 
@@ -244,8 +246,11 @@ class OptunaSweep:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         self.storage = make_storage(self.url, self.s.heartbeat_interval, self.s.grace_period)
         study = optuna.create_study(
-            study_name=self.study_name, storage=self.storage, direction=self.s.direction,
-            pruner=hydra.utils.instantiate(self.config.hydra.sweeper.pruner), load_if_exists=True,
+            study_name=self.study_name,
+            storage=self.storage,
+            direction=self.s.direction,
+            pruner=hydra.utils.instantiate(self.config.hydra.sweeper.pruner),
+            load_if_exists=True,
         )
         # A seeded sampler restarted as it was would propose the first points again: a resumed
         # study draws from seed + number of trials so far (still reproducible).
@@ -304,8 +309,9 @@ class OptunaSweep:
             out.append(f"{cb}.monitor={self.monitor}")
         return out
 
-    def record(self, study: optuna.Study, trial: optuna.Trial,
-               ret: JobReturn | BaseException) -> str:
+    def record(
+        self, study: optuna.Study, trial: optuna.Trial, ret: JobReturn | BaseException
+    ) -> str:
         """Tell the study how a trial ended; return its state name."""
         if isinstance(ret, BaseException):
             error: BaseException | None = ret
@@ -375,8 +381,9 @@ class OptunaSweep:
                     for t in batch
                 ]
                 try:
-                    with heartbeats(self.storage, [t._trial_id for t in batch],
-                                    self.s.heartbeat_interval):
+                    with heartbeats(
+                        self.storage, [t._trial_id for t in batch], self.s.heartbeat_interval
+                    ):
                         returns: Sequence[Any] = self.launcher.launch(
                             overrides, initial_job_idx=batch[0].number
                         )
@@ -441,17 +448,40 @@ def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
     names = sorted({k for t in trials for k in t.params})
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["number", "state", "value", *names, "error", "interrupted", "last_step",
-                    "datetime_start", "datetime_complete", "duration_s"])
+        w.writerow(
+            [
+                "number",
+                "state",
+                "value",
+                *names,
+                "error",
+                "interrupted",
+                "last_step",
+                "datetime_start",
+                "datetime_complete",
+                "duration_s",
+            ]
+        )
         for t in trials:
-            duration = (t.datetime_complete - t.datetime_start).total_seconds() if (
-                t.datetime_complete and t.datetime_start) else ""
-            w.writerow([
-                t.number, t.state.name, "" if t.value is None else t.value,
-                *[t.params.get(n, "") for n in names], t.user_attrs.get(ERROR, ""),
-                interrupted(t) or "", t.last_step if t.last_step is not None else "",
-                t.datetime_start or "", t.datetime_complete or "", duration,
-            ])
+            duration = (
+                (t.datetime_complete - t.datetime_start).total_seconds()
+                if (t.datetime_complete and t.datetime_start)
+                else ""
+            )
+            w.writerow(
+                [
+                    t.number,
+                    t.state.name,
+                    "" if t.value is None else t.value,
+                    *[t.params.get(n, "") for n in names],
+                    t.user_attrs.get(ERROR, ""),
+                    interrupted(t) or "",
+                    t.last_step if t.last_step is not None else "",
+                    t.datetime_start or "",
+                    t.datetime_complete or "",
+                    duration,
+                ]
+            )
 
 
 def write_plots(study: optuna.Study, out: Path) -> list[Path]:
@@ -497,8 +527,13 @@ class OptunaPruning(Callback):
     Storage, study and pruner come from the sweep's Hydra config unless given.
     """
 
-    def __init__(self, trial_number: int | None = None, monitor: str = "val/loss",
-                 storage: str | None = None, study_name: str | None = None) -> None:
+    def __init__(
+        self,
+        trial_number: int | None = None,
+        monitor: str = "val/loss",
+        storage: str | None = None,
+        study_name: str | None = None,
+    ) -> None:
         self.trial_number, self.monitor = trial_number, monitor
         self.storage, self.study_name = storage, study_name
         self.trial: optuna.Trial | None = None

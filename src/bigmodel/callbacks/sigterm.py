@@ -38,8 +38,9 @@ class SigtermCheckpoint(L.Callback):
         self._saved_at = trainer.global_step
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
-            log.warning(f"SIGTERM: saved {path} at step {trainer.global_step}; "
-                        "resume with ckpt_path=last")
+            log.warning(
+                f"SIGTERM: saved {path} at step {trainer.global_step}; resume with ckpt_path=last"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         if self._saved_at is None:

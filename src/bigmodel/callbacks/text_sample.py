@@ -80,6 +80,9 @@ class TextSample(L.Callback):
             return pl_module.generate_text(self.prompt, tokenizer, **kwargs)[0]
         except UserError as e:
             problem = f"callbacks.text_sample.prompt={self.prompt!r}: {e}"
+        except RuntimeError as e:  # a diverged model: non-finite logits cannot be sampled
+            self._warn_once(f"no text sample at this validation: {str(e).splitlines()[0][:200]}")
+            return None
         if self.prompt:
             try:
                 text = pl_module.generate_text("", tokenizer, **kwargs)[0]

@@ -7,6 +7,9 @@ from bigmodel.data.text import TextDataModule
 from bigmodel.data.translation import TranslationDataModule
 
 __all__ = [
-    "AudioDataModule", "ImageDataModule", "RegressionDataModule", "TextDataModule",
+    "AudioDataModule",
+    "ImageDataModule",
+    "RegressionDataModule",
+    "TextDataModule",
     "TranslationDataModule",
 ]

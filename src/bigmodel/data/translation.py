@@ -34,24 +34,85 @@ log = logging.getLogger("bigmodel")
 SPLITS = ("train", "val", "test")
 SOURCES = ("synthetic", "files", "hf")
 # Names the split files of HF datasets copies use, per split of ours.
-HF_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val", "dev"),
-                  "test": ("test",)}
+HF_SPLIT_NAMES = {
+    "train": ("train",),
+    "val": ("validation", "valid", "val", "dev"),
+    "test": ("test",),
+}
 HF_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json"}
 
 # ===================================================================== the synthetic corpus
-EN_UNITS = ["", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
-            "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-            "eighteen", "nineteen"]
+EN_UNITS = [
+    "",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
+]
 EN_TENS = ["", "", "twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety"]
-DE_UNITS = ["", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun", "zehn",
-            "elf", "zwölf", "dreizehn", "vierzehn", "fünfzehn", "sechzehn", "siebzehn", "achtzehn",
-            "neunzehn"]
-DE_TENS = ["", "", "zwanzig", "dreißig", "vierzig", "fünfzig", "sechzig", "siebzig", "achtzig",
-           "neunzig"]
-MONTHS = [("January", "Januar"), ("February", "Februar"), ("March", "März"), ("April", "April"),
-          ("May", "Mai"), ("June", "Juni"), ("July", "Juli"), ("August", "August"),
-          ("September", "September"), ("October", "Oktober"), ("November", "November"),
-          ("December", "Dezember")]
+DE_UNITS = [
+    "",
+    "eins",
+    "zwei",
+    "drei",
+    "vier",
+    "fünf",
+    "sechs",
+    "sieben",
+    "acht",
+    "neun",
+    "zehn",
+    "elf",
+    "zwölf",
+    "dreizehn",
+    "vierzehn",
+    "fünfzehn",
+    "sechzehn",
+    "siebzehn",
+    "achtzehn",
+    "neunzehn",
+]
+DE_TENS = [
+    "",
+    "",
+    "zwanzig",
+    "dreißig",
+    "vierzig",
+    "fünfzig",
+    "sechzig",
+    "siebzig",
+    "achtzig",
+    "neunzig",
+]
+MONTHS = [
+    ("January", "Januar"),
+    ("February", "Februar"),
+    ("March", "März"),
+    ("April", "April"),
+    ("May", "Mai"),
+    ("June", "Juni"),
+    ("July", "Juli"),
+    ("August", "August"),
+    ("September", "September"),
+    ("October", "Oktober"),
+    ("November", "November"),
+    ("December", "Dezember"),
+]
 
 # English noun, plural; German noun, plural, gender; how it rests on a surface (liegt / steht).
 NOUNS = [
@@ -72,50 +133,98 @@ NOUNS = [
     ("jug", "jugs", "Krug", "Krüge", "m", "steht"),
     ("phone", "phones", "Telefon", "Telefone", "n", "liegt"),
 ]
-ADJECTIVES = [("small", "klein"), ("big", "groß"), ("red", "rot"), ("green", "grün"),
-              ("old", "alt"), ("new", "neu"), ("blue", "blau"), ("cheap", "billig"),
-              ("heavy", "schwer"), ("white", "weiß")]
+ADJECTIVES = [
+    ("small", "klein"),
+    ("big", "groß"),
+    ("red", "rot"),
+    ("green", "grün"),
+    ("old", "alt"),
+    ("new", "neu"),
+    ("blue", "blau"),
+    ("cheap", "billig"),
+    ("heavy", "schwer"),
+    ("white", "weiß"),
+]
 # English place; German place and gender (dative after "auf": dem / der).
-PLACES = [("table", "Tisch", "m"), ("shelf", "Regal", "n"), ("bench", "Bank", "f"),
-          ("floor", "Boden", "m"), ("windowsill", "Fensterbank", "f"),
-          ("desk", "Schreibtisch", "m"), ("chair", "Stuhl", "m"), ("cupboard", "Schrank", "m")]
+PLACES = [
+    ("table", "Tisch", "m"),
+    ("shelf", "Regal", "n"),
+    ("bench", "Bank", "f"),
+    ("floor", "Boden", "m"),
+    ("windowsill", "Fensterbank", "f"),
+    ("desk", "Schreibtisch", "m"),
+    ("chair", "Stuhl", "m"),
+    ("cupboard", "Schrank", "m"),
+]
 # English subject, English 3rd-person-singular?; German subject, person key for conjugation.
-SUBJECTS = [("I", False, "ich", "1s"), ("you", False, "du", "2s"), ("he", True, "er", "3s"),
-            ("she", True, "sie", "3s"), ("we", False, "wir", "1p"), ("they", False, "sie", "3p"),
-            ("my brother", True, "mein Bruder", "3s"), ("my sister", True, "meine Schwester", "3s"),
-            ("the teacher", True, "der Lehrer", "3s"),
-            ("our neighbours", False, "unsere Nachbarn", "3p"),
-            ("my parents", False, "meine Eltern", "3p")]
+SUBJECTS = [
+    ("I", False, "ich", "1s"),
+    ("you", False, "du", "2s"),
+    ("he", True, "er", "3s"),
+    ("she", True, "sie", "3s"),
+    ("we", False, "wir", "1p"),
+    ("they", False, "sie", "3p"),
+    ("my brother", True, "mein Bruder", "3s"),
+    ("my sister", True, "meine Schwester", "3s"),
+    ("the teacher", True, "der Lehrer", "3s"),
+    ("our neighbours", False, "unsere Nachbarn", "3p"),
+    ("my parents", False, "meine Eltern", "3p"),
+]
 # English verb (base, 3sg); German forms by person key.
 VERBS = [
     ("buy", "buys", {"1s": "kaufe", "2s": "kaufst", "3s": "kauft", "1p": "kaufen", "3p": "kaufen"}),
-    ("need", "needs", {"1s": "brauche", "2s": "brauchst", "3s": "braucht", "1p": "brauchen",
-                       "3p": "brauchen"}),
-    ("sell", "sells", {"1s": "verkaufe", "2s": "verkaufst", "3s": "verkauft", "1p": "verkaufen",
-                       "3p": "verkaufen"}),
+    (
+        "need",
+        "needs",
+        {"1s": "brauche", "2s": "brauchst", "3s": "braucht", "1p": "brauchen", "3p": "brauchen"},
+    ),
+    (
+        "sell",
+        "sells",
+        {
+            "1s": "verkaufe",
+            "2s": "verkaufst",
+            "3s": "verkauft",
+            "1p": "verkaufen",
+            "3p": "verkaufen",
+        },
+    ),
     ("see", "sees", {"1s": "sehe", "2s": "siehst", "3s": "sieht", "1p": "sehen", "3p": "sehen"}),
     ("have", "has", {"1s": "habe", "2s": "hast", "3s": "hat", "1p": "haben", "3p": "haben"}),
-    ("find", "finds", {"1s": "finde", "2s": "findest", "3s": "findet", "1p": "finden",
-                       "3p": "finden"}),
+    (
+        "find",
+        "finds",
+        {"1s": "finde", "2s": "findest", "3s": "findet", "1p": "finden", "3p": "finden"},
+    ),
 ]
 # Separable German verbs for arrivals: prefix goes to the end, or joins the verb in a clause.
-ARRIVE = ("arrive", "arrives", {"1s": "komme", "2s": "kommst", "3s": "kommt", "1p": "kommen",
-                                "3p": "kommen"}, "an")
+ARRIVE = (
+    "arrive",
+    "arrives",
+    {"1s": "komme", "2s": "kommst", "3s": "kommt", "1p": "kommen", "3p": "kommen"},
+    "an",
+)
 # English event subject; German subject and verb (prefix of a separable verb, or "").
-EVENTS = [("the train leaves", "der Zug fährt", "ab"), ("the bus leaves", "der Bus fährt", "ab"),
-          ("the film starts", "der Film fängt", "an"),
-          ("the class starts", "der Unterricht fängt", "an"),
-          ("the shop opens", "der Laden macht", "auf"),
-          ("the meeting begins", "das Treffen beginnt", ""),
-          ("the concert ends", "das Konzert endet", ""),
-          ("the ferry arrives", "die Fähre kommt", "an")]
+EVENTS = [
+    ("the train leaves", "der Zug fährt", "ab"),
+    ("the bus leaves", "der Bus fährt", "ab"),
+    ("the film starts", "der Film fängt", "an"),
+    ("the class starts", "der Unterricht fängt", "an"),
+    ("the shop opens", "der Laden macht", "auf"),
+    ("the meeting begins", "das Treffen beginnt", ""),
+    ("the concert ends", "das Konzert endet", ""),
+    ("the ferry arrives", "die Fähre kommt", "an"),
+]
 # Reporting verbs that open a "that" clause: English (base, 3sg); German by person key.
-REPORTS = [("say", "says", {"1s": "sage", "2s": "sagst", "3s": "sagt", "1p": "sagen",
-                            "3p": "sagen"}),
-           ("think", "thinks", {"1s": "denke", "2s": "denkst", "3s": "denkt", "1p": "denken",
-                                "3p": "denken"}),
-           ("know", "knows", {"1s": "weiß", "2s": "weißt", "3s": "weiß", "1p": "wissen",
-                              "3p": "wissen"})]
+REPORTS = [
+    ("say", "says", {"1s": "sage", "2s": "sagst", "3s": "sagt", "1p": "sagen", "3p": "sagen"}),
+    (
+        "think",
+        "thinks",
+        {"1s": "denke", "2s": "denkst", "3s": "denkt", "1p": "denken", "3p": "denken"},
+    ),
+    ("know", "knows", {"1s": "weiß", "2s": "weißt", "3s": "weiß", "1p": "wissen", "3p": "wissen"}),
+]
 CURRENCIES = [("euro", "euros", "Euro"), ("dollar", "dollars", "Dollar")]
 
 
@@ -168,7 +277,7 @@ class SyntheticTranslation:
     def _quantity(self, n: int, noun, adj, case: str) -> tuple[str, str]:
         """n (adjective) nouns, as an object (acc) or subject (nom) without a definite article."""
         en_sg, en_pl, de_sg, de_pl, g, _ = noun
-        en = (en_number(n) if n > 1 else ("an" if (adj or noun)[0][0] in "aeiou" else "a"))
+        en = en_number(n) if n > 1 else ("an" if (adj or noun)[0][0] in "aeiou" else "a")
         en += f" {adj[0]}" if adj else ""
         en += f" {en_pl if n > 1 else en_sg}"
         if n == 1:
@@ -189,9 +298,13 @@ class SyntheticTranslation:
         if plural:
             art = {"nom": "die", "acc": "die", "dat": "den"}[case]
         else:
-            art = {("nom", "m"): "der", ("acc", "m"): "den", ("dat", "m"): "dem",
-                   ("dat", "f"): "der", ("dat", "n"): "dem"}.get(
-                (case, g), {"m": "der", "f": "die", "n": "das"}[g])
+            art = {
+                ("nom", "m"): "der",
+                ("acc", "m"): "den",
+                ("dat", "m"): "dem",
+                ("dat", "f"): "der",
+                ("dat", "n"): "dem",
+            }.get((case, g), {"m": "der", "f": "die", "n": "das"}[g])
         de = art + (f" {de_number(n)}" if plural else "")
         de += f" {adj[1]}{_adj_ending(case, g, plural, 'def')}" if adj else ""
         de += f" {de_pl if plural else de_sg}"
@@ -266,8 +379,9 @@ class SyntheticTranslation:
 
     # ------------------------------------------------------------------------ sentences
     def pair(self) -> tuple[str, str]:
-        template = self.rng.choice([self.buy, self.buy, self.place, self.price, self.arrive,
-                                    self.clock])
+        template = self.rng.choice(
+            [self.buy, self.buy, self.place, self.price, self.arrive, self.clock]
+        )
         en, (subj, verb, rest, prefix) = template()
         if self.rng.random() < self.p_clause:
             s_en, s3, s_de, p = self.rng.choice(SUBJECTS)
@@ -286,8 +400,10 @@ class SyntheticTranslation:
         while len(out) < n:
             tries += 1
             if tries > 50 * n + 1000:
-                raise UserError(f"the synthetic corpus cannot supply {n} distinct sentences; "
-                                "ask for fewer with data.num_train / num_val / num_test")
+                raise UserError(
+                    f"the synthetic corpus cannot supply {n} distinct sentences; "
+                    "ask for fewer with data.num_train / num_val / num_test"
+                )
             en, de = self.pair()
             if en not in seen:
                 seen.add(en)
@@ -315,8 +431,10 @@ def read_parallel_files(root: str, src: str, tgt: str) -> dict[str, list[tuple[s
     """{split: [(source, target), ...]} from `{split}.{lang}` or `{split}.{lang}.gz` under root."""
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise UserError(f"data.root={root} is not a folder; point it at the folder holding "
-                        f"train.{src}, train.{tgt}, val.{src}, ... (plain or .gz)")
+        raise UserError(
+            f"data.root={root} is not a folder; point it at the folder holding "
+            f"train.{src}, train.{tgt}, val.{src}, ... (plain or .gz)"
+        )
     out = {}
     for split in SPLITS:
         files = []
@@ -359,31 +477,40 @@ def read_hf_translation(root: str, src: str, tgt: str, column: str = "translatio
         raise UserError("data.source=hf needs HF datasets: pip install -e '.[hf]'") from e
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise UserError(f"data.root={root} is not a folder; point it at the folder of "
-                        "train*/validation*/test* parquet or json files")
+        raise UserError(
+            f"data.root={root} is not a folder; point it at the folder of "
+            "train*/validation*/test* parquet or json files"
+        )
     found = _hf_files(base)
     out = {}
     for split, files in found.items():
         if not files:
-            raise UserError(f"{base} has no {split} files (looked for names starting with "
-                            f"{', '.join(HF_SPLIT_NAMES[split])} ending in .parquet/.json/.jsonl)")
+            raise UserError(
+                f"{base} has no {split} files (looked for names starting with "
+                f"{', '.join(HF_SPLIT_NAMES[split])} ending in .parquet/.json/.jsonl)"
+            )
         fmt = HF_SUFFIXES[files[0].suffix]
         ds = datasets.load_dataset(fmt, data_files=[str(f) for f in files], split="train")
         if column not in ds.column_names:
-            raise UserError(f"{files[0]} has no column {column!r} (columns: {ds.column_names}); "
-                            "set data.translation_column to the column of {lang: text} dicts")
+            raise UserError(
+                f"{files[0]} has no column {column!r} (columns: {ds.column_names}); "
+                "set data.translation_column to the column of {lang: text} dicts"
+            )
         rows = ds[column]
         for lang in (src, tgt):
             if rows and lang not in rows[0]:
-                raise UserError(f"{files[0]} translates {sorted(rows[0])}, not {lang!r}; set "
-                                f"data.src and data.tgt to two of {sorted(rows[0])}")
+                raise UserError(
+                    f"{files[0]} translates {sorted(rows[0])}, not {lang!r}; set "
+                    f"data.src and data.tgt to two of {sorted(rows[0])}"
+                )
         out[split] = [(r[src], r[tgt]) for r in rows]
     return out
 
 
 # ================================================================================= batches
-def length_buckets(lengths: list[int], batch_size: int, seed: int,
-                   pool: int = 100) -> list[list[int]]:
+def length_buckets(
+    lengths: list[int], batch_size: int, seed: int, pool: int = 100
+) -> list[list[int]]:
     """Batches of indices of similar length: shuffle, sort within pools of `pool` batches, cut.
 
     Padding shrinks to a few tokens a batch while the batches still mix the whole corpus.
@@ -469,12 +596,17 @@ class TranslationDataModule(L.LightningDataModule):
         if source != "synthetic" and not root:
             raise UserError(f"data.source={source} needs data.root=DIR, the folder of its files")
         if source == "synthetic" and {src, tgt} != {"en", "de"}:
-            raise UserError(f"the synthetic corpus is English <-> German; data.src={src} "
-                            f"data.tgt={tgt} must be en and de (either order)")
+            raise UserError(
+                f"the synthetic corpus is English <-> German; data.src={src} "
+                f"data.tgt={tgt} must be en and de (either order)"
+            )
         if src == tgt:
             raise UserError(f"data.src and data.tgt are both {src!r}; give two languages")
-        for name, v in (("batch_size", batch_size), ("max_len", max_len),
-                        ("vocab_size", vocab_size)):
+        for name, v in (
+            ("batch_size", batch_size),
+            ("max_len", max_len),
+            ("vocab_size", vocab_size),
+        ):
             if v is None or v <= 0:
                 raise UserError(f"data.{name} must be a positive integer, got {v}")
         if split not in SPLITS:
@@ -509,8 +641,10 @@ class TranslationDataModule(L.LightningDataModule):
             if split != "train" and self.max_eval_pairs:
                 kept = kept[: self.max_eval_pairs]
             if not kept:
-                raise UserError(f"the {split} split of data.source={self.source} holds no sentence "
-                                "pairs; give it non-empty parallel text")
+                raise UserError(
+                    f"the {split} split of data.source={self.source} holds no sentence "
+                    "pairs; give it non-empty parallel text"
+                )
             out[split] = kept
         return out
 
@@ -528,14 +662,21 @@ class TranslationDataModule(L.LightningDataModule):
             src_ids = self.tokenizer.encode_batch([s for s, _ in pairs])
             tgt_ids = self.tokenizer.encode_target_batch([t for _, t in pairs])
             if split == "train":  # length filter: long outliers cost memory and teach little
-                keep = [i for i in range(len(pairs))
-                        if len(src_ids[i]) <= self.max_len and len(tgt_ids[i]) <= self.max_len + 1]
+                keep = [
+                    i
+                    for i in range(len(pairs))
+                    if len(src_ids[i]) <= self.max_len and len(tgt_ids[i]) <= self.max_len + 1
+                ]
                 if len(keep) < len(pairs):
-                    log.info(f"train: dropped {len(pairs) - len(keep)} pairs longer than "
-                             f"data.max_len={self.max_len} tokens")
+                    log.info(
+                        f"train: dropped {len(pairs) - len(keep)} pairs longer than "
+                        f"data.max_len={self.max_len} tokens"
+                    )
                 if not keep:
-                    raise UserError(f"every training pair is longer than data.max_len="
-                                    f"{self.max_len} tokens; raise data.max_len")
+                    raise UserError(
+                        f"every training pair is longer than data.max_len="
+                        f"{self.max_len} tokens; raise data.max_len"
+                    )
                 pairs = self.pairs[split] = [pairs[i] for i in keep]
                 src_ids, tgt_ids = [src_ids[i] for i in keep], [tgt_ids[i] for i in keep]
             self.ids[split] = (src_ids, tgt_ids)
@@ -546,8 +687,13 @@ class TranslationDataModule(L.LightningDataModule):
         if self.tokenizer is None:
             raise RuntimeError("call setup() first: the vocabulary comes from the training text")
         t = self.tokenizer
-        return {"src_vocab_size": t.src.vocab_size, "tgt_vocab_size": t.tgt.vocab_size,
-                "pad_id": t.pad_id, "bos_id": t.bos_id, "eos_id": t.eos_id}
+        return {
+            "src_vocab_size": t.src.vocab_size,
+            "tgt_vocab_size": t.tgt.vocab_size,
+            "pad_id": t.pad_id,
+            "bos_id": t.bos_id,
+            "eos_id": t.eos_id,
+        }
 
     # --------------------------------------------------------------------------- dataloaders
     def _dataset(self, split: str, batch_size: int, seed: int) -> PairBatches:
@@ -569,9 +715,14 @@ class TranslationDataModule(L.LightningDataModule):
         return self._loader(self._dataset(self.split, self.eval_batch_size, self.seed))
 
     def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(ds, batch_size=None, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-                          **kwargs)
+        return DataLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

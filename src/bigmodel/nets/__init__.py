@@ -8,6 +8,15 @@ from bigmodel.nets.seq2seq import Seq2SeqConfig, Seq2SeqTransformer
 from bigmodel.nets.vit import ViT, ViTConfig
 
 __all__ = [
-    "AudioCNN", "CNN", "GPT", "GPTConfig", "LogMel", "MLP", "Seq2SeqConfig",
-    "Seq2SeqTransformer", "SpecAugment", "ViT", "ViTConfig",
+    "AudioCNN",
+    "CNN",
+    "GPT",
+    "GPTConfig",
+    "LogMel",
+    "MLP",
+    "Seq2SeqConfig",
+    "Seq2SeqTransformer",
+    "SpecAugment",
+    "ViT",
+    "ViTConfig",
 ]

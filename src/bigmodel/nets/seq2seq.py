@@ -45,10 +45,18 @@ class Seq2SeqConfig:
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
-            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                             "change model.net.n_embd or model.net.n_head")
-        for name in ("src_vocab_size", "tgt_vocab_size", "n_embd", "n_head", "n_enc_layer",
-                     "n_dec_layer"):
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "change model.net.n_embd or model.net.n_head"
+            )
+        for name in (
+            "src_vocab_size",
+            "tgt_vocab_size",
+            "n_embd",
+            "n_head",
+            "n_enc_layer",
+            "n_dec_layer",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.net.{name} must be positive, got {getattr(self, name)}")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
@@ -90,7 +98,11 @@ class Attention(nn.Module):
     def attend(self, x, k, v, mask=None, is_causal=False) -> torch.Tensor:
         B, T, C = x.shape
         y = F.scaled_dot_product_attention(
-            self.heads(self.q(x)), k, v, attn_mask=mask, is_causal=is_causal,
+            self.heads(self.q(x)),
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
         )  # (B, nh, T, hs)
         return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
@@ -150,8 +162,11 @@ class Seq2SeqTransformer(nn.Module):
         cfg = config or Seq2SeqConfig(**kwargs)
         self.config = cfg
         self.src_emb = nn.Embedding(cfg.src_vocab_size, cfg.n_embd, padding_idx=cfg.pad_id)
-        self.tgt_emb = (self.src_emb if cfg.share_embeddings
-                        else nn.Embedding(cfg.tgt_vocab_size, cfg.n_embd, padding_idx=cfg.pad_id))
+        self.tgt_emb = (
+            self.src_emb
+            if cfg.share_embeddings
+            else nn.Embedding(cfg.tgt_vocab_size, cfg.n_embd, padding_idx=cfg.pad_id)
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_enc_layer))
         self.ln_enc = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
@@ -202,8 +217,12 @@ class Seq2SeqTransformer(nn.Module):
     def start_state(self, src: torch.Tensor) -> dict[str, Any]:
         """Decoding state: cross-attention keys/values per layer, source mask, empty caches."""
         memory, mask = self.encode(src)
-        return {"mem": [b.cross_attn.keys_values(memory) for b in self.decoder], "mask": mask,
-                "cache": [{} for _ in self.decoder], "t": 0}
+        return {
+            "mem": [b.cross_attn.keys_values(memory) for b in self.decoder],
+            "mask": mask,
+            "cache": [{} for _ in self.decoder],
+            "t": 0,
+        }
 
     def step(self, last: torch.Tensor, state: dict) -> tuple[torch.Tensor, dict]:
         """last (N,) token ids -> next-token log-probabilities (N, V); extends the caches."""
@@ -228,16 +247,30 @@ class Seq2SeqTransformer(nn.Module):
         return ((src != self.config.pad_id).sum(1) * ratio).long() + offset
 
     @torch.no_grad()
-    def translate(self, src: torch.Tensor, beam_size: int = 1, length_penalty: float = 1.0,
-                  max_len_ratio: float = 1.5, max_len_offset: int = 10) -> list[list[int]]:
+    def translate(
+        self,
+        src: torch.Tensor,
+        beam_size: int = 1,
+        length_penalty: float = 1.0,
+        max_len_ratio: float = 1.5,
+        max_len_offset: int = 10,
+    ) -> list[list[int]]:
         """Decode a batch of sources (B, S) -> B token-id lists (no bos / eos)."""
         cfg = self.config
         max_lens = self.max_lengths(src, max_len_ratio, max_len_offset)
         state = self.start_state(src)
         if beam_size <= 1:
             return greedy_search(self.step, state, max_lens, cfg.bos_id, cfg.eos_id)
-        return beam_search(self.step, self.reorder, state, max_lens, cfg.bos_id, cfg.eos_id,
-                           beam_size, length_penalty)
+        return beam_search(
+            self.step,
+            self.reorder,
+            state,
+            max_lens,
+            cfg.bos_id,
+            cfg.eos_id,
+            beam_size,
+            length_penalty,
+        )
 
 
 StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
@@ -253,8 +286,9 @@ def _force_eos(logp: torch.Tensor, stop: torch.Tensor, eos: int) -> torch.Tensor
 
 
 @torch.no_grad()
-def greedy_search(step: StepFn, state, max_lens: torch.Tensor, bos: int,
-                  eos: int) -> list[list[int]]:
+def greedy_search(
+    step: StepFn, state, max_lens: torch.Tensor, bos: int, eos: int
+) -> list[list[int]]:
     """The most likely next token each step until eos, at most max_lens[i] tokens for row i."""
     B = max_lens.shape[0]
     last = torch.full((B,), bos, dtype=torch.long, device=max_lens.device)
@@ -273,8 +307,16 @@ def greedy_search(step: StepFn, state, max_lens: torch.Tensor, bos: int,
 
 
 @torch.no_grad()
-def beam_search(step: StepFn, reorder: Callable, state, max_lens: torch.Tensor, bos: int,
-                eos: int, beam_size: int, length_penalty: float = 1.0) -> list[list[int]]:
+def beam_search(
+    step: StepFn,
+    reorder: Callable,
+    state,
+    max_lens: torch.Tensor,
+    bos: int,
+    eos: int,
+    beam_size: int,
+    length_penalty: float = 1.0,
+) -> list[list[int]]:
     """Batched beam search; returns the best finished hypothesis of each row.
 
     Each step extends the `beam_size` live hypotheses of every row by their 2 x beam_size best

@@ -58,8 +58,11 @@ class Seq2Seq(Task):
             loss.ignore_index = self.pad_id
         self.label_smoothing = label_smoothing
         self.beam_size, self.test_beam_size = beam_size, test_beam_size
-        self.decode_kwargs = {"length_penalty": length_penalty, "max_len_ratio": max_len_ratio,
-                              "max_len_offset": max_len_offset}
+        self.decode_kwargs = {
+            "length_penalty": length_penalty,
+            "max_len_ratio": max_len_ratio,
+            "max_len_offset": max_len_offset,
+        }
         self.num_examples = num_examples
         self.val_ppl = Perplexity(ignore_index=self.pad_id)
         self.test_ppl = Perplexity(ignore_index=self.pad_id)
@@ -81,8 +84,9 @@ class Seq2Seq(Task):
         if self.loss_fn is not None:
             loss = self.loss_fn(flat, flat_y)
         elif self.label_smoothing and self.training:
-            loss = F.cross_entropy(flat, flat_y, ignore_index=self.pad_id,
-                                   label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(
+                flat, flat_y, ignore_index=self.pad_id, label_smoothing=self.label_smoothing
+            )
         else:
             loss = nll
         return loss, nll, logits, y
@@ -106,8 +110,9 @@ class Seq2Seq(Task):
         return [tokenizer.decode(row) for row in ids]
 
     @torch.no_grad()
-    def translate(self, texts: list[str], tokenizer, beam_size: int = 4, batch_size: int = 64,
-                  **decode_kwargs) -> list[str]:
+    def translate(
+        self, texts: list[str], tokenizer, beam_size: int = 4, batch_size: int = 64, **decode_kwargs
+    ) -> list[str]:
         """Translate sentences with `tokenizer` (a TokenizerPair); order is kept."""
         was_training = self.training
         self.eval()
@@ -135,12 +140,14 @@ class Seq2Seq(Task):
         (self.val_chrf if split == "val" else self.test_chrf).update(hyps, refs)
         if split == "val" and len(self.examples) < self.num_examples:
             n = self.num_examples - len(self.examples)
-            self.examples += list(zip(batch["src_text"][:n], batch["tgt_text"][:n], hyps[:n],
-                                      strict=True))
+            self.examples += list(
+                zip(batch["src_text"][:n], batch["tgt_text"][:n], hyps[:n], strict=True)
+            )
 
     def _log_scores(self, split: str) -> None:
-        bleu, chrf = ((self.val_bleu, self.val_chrf) if split == "val"
-                      else (self.test_bleu, self.test_chrf))
+        bleu, chrf = (
+            (self.val_bleu, self.val_chrf) if split == "val" else (self.test_bleu, self.test_chrf)
+        )
         self.log(f"{split}/bleu", bleu.compute() * 100, prog_bar=split == "val", sync_dist=False)
         self.log(f"{split}/chrf", chrf.compute() * 100, sync_dist=False)
         bleu.reset()
@@ -179,5 +186,9 @@ class Seq2Seq(Task):
             if hasattr(exp, "add_text"):  # TensorBoard
                 exp.add_text("val/translations", text.replace("\n", "  \n"), global_step=step)
             elif hasattr(logger, "log_text"):  # W&B
-                logger.log_text("val/translations", columns=["source", "reference", "hypothesis"],
-                                data=[list(e) for e in self.examples], step=step)
+                logger.log_text(
+                    "val/translations",
+                    columns=["source", "reference", "hypothesis"],
+                    data=[list(e) for e in self.examples],
+                    step=step,
+                )

@@ -102,12 +102,23 @@ class BigmodelOptunaSweeperConf:
 
 
 cs = ConfigStore.instance()
-cs.store(group="hydra/sweeper", name="bigmodel_optuna", node=BigmodelOptunaSweeperConf,
-         provider="bigmodel")
-for name, node in {"tpe": TPESamplerConf, "random": RandomSamplerConf, "cmaes": CmaEsSamplerConf,
-                   "qmc": QMCSamplerConf}.items():
+cs.store(
+    group="hydra/sweeper",
+    name="bigmodel_optuna",
+    node=BigmodelOptunaSweeperConf,
+    provider="bigmodel",
+)
+for name, node in {
+    "tpe": TPESamplerConf,
+    "random": RandomSamplerConf,
+    "cmaes": CmaEsSamplerConf,
+    "qmc": QMCSamplerConf,
+}.items():
     cs.store(group="hydra/sweeper/sampler", name=name, node=node, provider="bigmodel")
-for name, node in {"none": NopPrunerConf, "median": MedianPrunerConf,
-                   "successive_halving": SuccessiveHalvingPrunerConf,
-                   "hyperband": HyperbandPrunerConf}.items():
+for name, node in {
+    "none": NopPrunerConf,
+    "median": MedianPrunerConf,
+    "successive_halving": SuccessiveHalvingPrunerConf,
+    "hyperband": HyperbandPrunerConf,
+}.items():
     cs.store(group="hydra/sweeper/pruner", name=name, node=node, provider="bigmodel")
