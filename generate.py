@@ -3,11 +3,12 @@
 import hydra
 from omegaconf import DictConfig
 
-from bigmodel.run import generate
-
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="generate")
 def main(cfg: DictConfig) -> None:
+    # imported here, so that `--help` answers without loading torch and Lightning
+    from bigmodel.run import generate
+
     generate(cfg)
 
 

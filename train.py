@@ -3,12 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from bigmodel.run import train
-from bigmodel.utils import apply_extras
-
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # imported here, so that `--help` and `--cfg job` answer without loading torch and Lightning
+    from bigmodel.run import train
+    from bigmodel.utils import apply_extras
+
     apply_extras(cfg)
     return train(cfg)
 

@@ -163,6 +163,7 @@ def _check_trained(results: dict) -> None:
         assert min(losses[-3:]) < losses[0] - 0.3, (name, losses)
 
 
+@pytest.mark.slow  # ~100 s (JIT-builds DeepSpeed's comm op); CI runs it after the fast suite
 def test_zero_stages_train_on_cpu(deepspeed, tmp_path):
     """ZeRO 1, 2, 3 from our configs, bf16, over gloo; ZeRO-3 saves a checkpoint that converts."""
     results = _torchrun(tmp_path, "deepspeed_stage_1", "deepspeed_stage_2", "deepspeed_stage_3")

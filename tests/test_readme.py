@@ -51,7 +51,8 @@ NEEDS = {
     "torchrun --nnodes=2": "two machines joined by torchrun",
     "python -m bigmodel.convert": (
         "a DeepSpeed ZeRO checkpoint folder, which Lightning writes only on CUDA devices "
-        "(tests/test_deepspeed.py builds one on CPU with DeepSpeed itself and converts it)"
+        "(tests/test_deepspeed.py::test_zero_stages_train_on_cpu, -m slow, run by CI, builds one "
+        "on CPU with DeepSpeed itself and converts it)"
     ),
     "last.consolidated.ckpt": "the output of bigmodel.convert above",
 }

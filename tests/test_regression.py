@@ -68,7 +68,7 @@ def test_cli_regression_reproduces_the_introductory_example(tmp_path):
         "net.layers.2.bias": (10,),
     }
     cfg = state["bigmodel"]["config"]
-    assert cfg["optimizer"]["_target_"] == "torch.optim.Adam" and cfg["optimizer"]["lr"] == 0.001
+    assert cfg["optimizer"]["_target_"] == "torch.optim.Adam" and cfg["optimizer"]["lr"] == 0.01
     assert cfg["loss"]["_target_"] == "torch.nn.MSELoss"
 
 

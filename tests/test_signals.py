@@ -91,5 +91,5 @@ def test_sigterm_mid_training_saves_last_ckpt_and_resumes_from_that_step(tmp_pat
     assert [s for s, _ in after] == [step, step + 1, step + 2, step + 3]
     # the weights came back too: its first loss is the stopped run's, not a fresh net's
     assert after[0][1] < losses_before[0][1] - 0.3, (losses_before[0], after[0])
-    final = torch.load(resumed / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert final["global_step"] == step + 4
+    # (last.ckpt of the resumed run is written at its validations only, so its step depends on
+    # where the signal fell; the logged steps above are the check that it continued.)
