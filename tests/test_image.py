@@ -227,8 +227,6 @@ def test_cli_image_folder_trains_and_rejects_bad_data(tmp_path):
         "trainer.val_check_interval=1.0",
         "trainer.check_val_every_n_epoch=1",
         "trainer.log_every_n_steps=2",
-        "callbacks.text_sample=null",
-        "callbacks.throughput.length_fn=null",
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
     )

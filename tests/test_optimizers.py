@@ -26,8 +26,6 @@ def test_optimizer_trains(name, tmp_path):
         "trainer.val_check_interval=40",
         "trainer.log_every_n_steps=1",
         "test=false",
-        "callbacks.text_sample=null",
-        "callbacks.early_stopping=null",
     ]
     cfg = compose_config("train", overrides, tmp_path)
     val_loss = train(cfg)

@@ -45,7 +45,6 @@ def test_eval_quantize_int8_reports_metric_size_and_speed(tmp_path):
         "trainer.max_steps=150",
         "trainer.val_check_interval=50",
         "optimizer.lr=0.01",
-        "callbacks.text_sample=null",
         "test=false",
         cwd=tmp_path,
     )

@@ -21,6 +21,8 @@ class TextSample(L.Callback):
     (W&B, TensorBoard). Tasks without `generate_text`, or data without a tokenizer, are skipped.
     A prompt the vocabulary cannot encode (a newline in a corpus without one) falls back to the
     empty prompt's start token, or skips the sample, with a warning: sampling never ends a run.
+    Every rank samples (the same text, from the same seed), because under sharded strategies
+    (FSDP, FSDP2, ZeRO-3) each forward pass gathers weights from all ranks; rank 0 reports it.
     """
 
     def __init__(
@@ -41,7 +43,6 @@ class TextSample(L.Callback):
         self.last_sample: str | None = None
         self._warned: set[str] = set()
 
-    @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         if trainer.sanity_checking or tokenizer is None or not hasattr(pl_module, "generate_text"):
@@ -51,7 +52,7 @@ class TextSample(L.Callback):
         if (self.validations - 1) % self.every_n_validations and not last:
             return
         text = self._sample(pl_module, tokenizer)
-        if text is None:
+        if text is None or not trainer.is_global_zero:
             return
         self.last_sample = text
         step = trainer.global_step
@@ -94,6 +95,7 @@ class TextSample(L.Callback):
         self._warn_once(f"{problem}; skipping the text samples")
         return None
 
+    @rank_zero_only
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:
             self._warned.add(message)
