@@ -202,6 +202,7 @@ def train_losses(run) -> list[float]:
         return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
 
 
+@pytest.mark.slow  # ~35 s; the fast suite runs experiment=spoken_digits through the README test
 def test_cli_spoken_digits(tmp_path):
     # The log-mel CNN sits near ln(10) for its first ~80 steps; 20 epochs of 14 steps at a higher
     # learning rate get well past that (about 25 s).
