@@ -18,15 +18,16 @@ def earlier_run(tmp_path_factory):
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == snapshot
 
 
-def fails(root, *args, script="train.py"):
+def fails(root, *args, script="train.py", status: int | None = 2):
+    """Run a command that must fail: exit `status` (None: any non-zero), no traceback."""
     proc = run_cli(script, *args, cwd=root, check=False)
-    assert proc.returncode != 0
+    assert proc.returncode != 0 if status is None else proc.returncode == status, proc.returncode
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     return proc.stderr
 
 
 def test_unknown_option_lists_the_valid_ones(earlier_run):
-    err = fails(earlier_run[0], "model=nope")
+    err = fails(earlier_run[0], "model=nope", status=None)  # Hydra's own error: exit 1
     assert "Could not find 'model/nope'" in err and "gpt2_124m" in err
 
 
@@ -63,7 +64,34 @@ def test_missing_and_corrupt_checkpoints(earlier_run):
     (root / "corrupt.ckpt").write_bytes(b"this is not a checkpoint" * 100)
     for script in ("eval.py", "generate.py"):
         err = fails(root, f"ckpt_path={root / 'corrupt.ckpt'}", script=script)
-        assert "is not a readable checkpoint" in err
+        assert "corrupt.ckpt is not a checkpoint" in err
+        # torch's advice to load with weights_only=False would run an untrusted file's code
+        assert "weights_only" not in err
+
+
+def test_a_folder_or_a_truncated_file_as_checkpoint(earlier_run):
+    root, run = earlier_run
+    err = fails(root, f"ckpt_path={run}", script="eval.py")
+    assert f"ckpt_path={run} is a folder, not a checkpoint file" in err
+    cut = root / "cut.ckpt"
+    cut.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:4096])
+    err = fails(root, f"ckpt_path={cut}", script="generate.py")
+    assert "cut.ckpt is truncated or corrupt" in err and "weights_only" not in err
+
+
+def test_wrong_type_of_an_optimizer_value(earlier_run):
+    """The optimizer is a partial target whose lr is `float | Tensor`: still checked."""
+    err = fails(earlier_run[0], *TINY_LM, "optimizer.lr=abc")
+    assert "error: optimizer.lr='abc' must be int or float" in err
+
+
+@pytest.mark.parametrize("arg", ["max_new_tokens=1.5", "temperature=abc"])
+def test_wrong_type_of_a_generate_value(earlier_run, arg):
+    root, run = earlier_run
+    ckpt = run / "checkpoints" / "last.ckpt"
+    err = fails(root, f"ckpt_path={ckpt}", arg, script="generate.py")
+    key = arg.split("=")[0]
+    assert f"error: {key}=" in err and f"fix the value of {key}" in err
 
 
 def test_checkpoint_of_another_model(earlier_run):

@@ -88,6 +88,16 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | None = None, task_na
         if not found:
             raise UserError(f"ckpt_path=last found no checkpoint matching {pattern}; train first")
         return found[-1]
+    if os.path.isdir(ckpt_path):
+        if glob.glob(os.path.join(ckpt_path, "*", "*model_states.pt")):
+            raise UserError(
+                f"ckpt_path={ckpt_path} is a DeepSpeed ZeRO checkpoint folder; make one file of "
+                f"it with `python -m bigmodel.convert {ckpt_path}` and pass that"
+            )
+        raise UserError(
+            f"ckpt_path={ckpt_path} is a folder, not a checkpoint file; pass a .ckpt inside it, "
+            "such as <run>/checkpoints/last.ckpt"
+        )
     if not os.path.isfile(ckpt_path):
         raise UserError(
             f"ckpt_path={ckpt_path} does not exist; pass a .ckpt file written by train.py "
@@ -101,9 +111,13 @@ def load_checkpoint(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        # torch's own message advises weights_only=False, which would run whatever code an
+        # untrusted file holds: never relay it
+        with open(path, "rb") as f:  # torch writes zip archives: a zip's head, then the rest
+            kind = "truncated or corrupt" if f.read(4) == b"PK\x03\x04" else "not a checkpoint"
         raise UserError(
-            f"ckpt_path={path} is not a readable checkpoint ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:200]}); pass an intact .ckpt written by train.py"
+            f"ckpt_path={path} is {kind}: torch cannot read it as tensors and plain data "
+            f"({type(e).__name__}); pass an intact .ckpt written by train.py"
         ) from None
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(
@@ -195,19 +209,27 @@ def check_types(node: Any, key: str) -> None:
 
 
 def _allowed_types(hint: Any) -> tuple[type, ...] | None:
+    """The plain types a config value may have for `hint`; None where the hint says nothing.
+
+    A union counts its plain members only (`lr: float | Tensor` takes a float from a config,
+    which cannot hold a tensor); a union without plain members is not checked.
+    """
     if hint in _SIMPLE:
         return _SIMPLE[hint]
     args = typing.get_args(hint)
     if typing.get_origin(hint) in (typing.Union, types.UnionType) and args:
         out: tuple[type, ...] = ()
         for a in args:
-            if a is type(None):
-                continue
-            if a not in _SIMPLE:
-                return None
-            out += _SIMPLE[a]
-        return out
+            if a in _SIMPLE:
+                out += _SIMPLE[a]
+            elif a is not type(None) and not _is_tensor_type(a):
+                return None  # another kind of value (a path, a callable): not ours to judge
+        return out or None
     return None
+
+
+def _is_tensor_type(t: Any) -> bool:
+    return isinstance(t, type) and issubclass(t, torch.Tensor)
 
 
 def fill_from_data(node: DictConfig, values: dict[str, Any]) -> None:
@@ -324,7 +346,7 @@ def _train(cfg: DictConfig) -> float | None:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
 
-    for group in ("data", "model", "optimizer", "trainer"):
+    for group in ("data", "model", "optimizer", "scheduler", "trainer"):
         check_types(cfg.get(group), group)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     if ckpt is not None and type(datamodule).__qualname__ in ckpt:
@@ -451,12 +473,38 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
+# generate.py's own keys and the types they take (null is allowed where the config allows it)
+_GENERATE_TYPES = {
+    "max_new_tokens": int,
+    "temperature": float,
+    "top_k": int,
+    "num_samples": int,
+    "seed": int,
+    "beam_size": int,
+    "length_penalty": float,
+    "max_len_ratio": float,
+}
+
+
+def check_generate_types(cfg: DictConfig) -> None:
+    """`max_new_tokens=1.5` or `temperature=abc`: one line naming the key, before any work."""
+    for key, kind in _GENERATE_TYPES.items():
+        value = cfg.get(key)
+        if value is None:
+            continue
+        allowed = _SIMPLE[kind]
+        if not isinstance(value, allowed) or isinstance(value, bool):
+            names = " or ".join(t.__name__ for t in allowed)
+            raise UserError(f"{key}={value!r} must be {names}; fix the value of {key}")
+
+
 @reports_user_errors
 def generate(cfg: DictConfig) -> list[str]:
     """Sample from a trained model: a checkpoint and a prompt in, text out."""
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, "train")
     if ckpt_path is None:
         raise UserError("generate.py needs ckpt_path=PATH (a .ckpt written by train.py, or 'last')")
+    check_generate_types(cfg)
     _, datamodule, task = restore(ckpt_path)
     tokenizer = getattr(datamodule, "tokenizer", None)
     if tokenizer is None or not (hasattr(task, "generate_text") or hasattr(task, "translate")):
