@@ -27,6 +27,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -332,7 +333,15 @@ def _fresh_process_group():
 def train(cfg: DictConfig) -> float | None:
     """Train (and by default test) a task; return the value of `optimized_metric`."""
     with _fresh_process_group():
-        return _train(cfg)
+        try:
+            return _train(cfg)
+        except SIGTERMException:
+            if _is_multirun():  # the sweeper records the trial as cut off
+                raise
+            # Lightning's SIGTERMException is a SystemExit without a code, so the stopped run
+            # would exit 0 and look finished to schedulers and retry logic: 128 + SIGTERM instead
+            log.warning("stopped by SIGTERM after saving checkpoints/last.ckpt; exit status 143")
+            sys.exit(143)
 
 
 def _train(cfg: DictConfig) -> float | None:
