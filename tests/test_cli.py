@@ -70,7 +70,9 @@ def test_eval_reproduces_test_metrics(trained):
     assert (eval_run / "metrics.json").is_file()
     # another split of the same data
     proc = run_cli("eval.py", f"ckpt_path={best}", "data.split=val", cwd=root)
-    assert "test/ppl" in proc.stdout
+    # named after the split it scored (Lightning's own table still says test/)
+    assert re.search(r"^val/ppl: [\d.]+$", proc.stdout, re.M)
+    assert not re.search(r"^test/ppl: ", proc.stdout, re.M)
 
 
 def test_generate_prints_a_reproducible_sample(trained):
@@ -113,6 +115,24 @@ def test_resume_continues_exactly(tmp_path):
 def test_ckpt_path_last_finds_the_newest_run(trained, tmp_path):
     root, run, _ = trained
     proc = run_cli("eval.py", "ckpt_path=last", cwd=root)
+    assert "test/loss" in proc.stdout
+    assert f"ckpt_path=last: {run / 'checkpoints' / 'last.ckpt'}" in proc.stderr  # says which
+
+
+def test_eval_finds_the_corpus_from_anywhere_and_takes_a_moved_one(tmp_path):
+    """Data paths are stored absolute; `data.path=` on eval.py points at a moved corpus."""
+    from pydoc_data.topics import topics
+
+    text = "".join(topics.values())[:40_000]
+    (tmp_path / "corpus.txt").write_text(text)
+    run_cli("train.py", *TINY_LM, "data.path=corpus.txt", "test=false", cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert "test/loss" in run_cli("eval.py", f"ckpt_path={ckpt}", cwd=elsewhere).stdout
+    (tmp_path / "corpus.txt").rename(elsewhere / "moved.txt")
+    proc = run_cli("eval.py", f"ckpt_path={ckpt}", "data.path=moved.txt", cwd=elsewhere)
     assert "test/loss" in proc.stdout
 
 

@@ -88,6 +88,8 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | None = None, task_na
         found = sorted(glob.glob(pattern), key=os.path.getmtime)
         if not found:
             raise UserError(f"ckpt_path=last found no checkpoint matching {pattern}; train first")
+        # stderr: generate.py's standard output is the generated text alone
+        print(f"ckpt_path=last: {found[-1]}", file=sys.stderr, flush=True)
         return found[-1]
     if os.path.isdir(ckpt_path):
         if glob.glob(os.path.join(ckpt_path, "*", "*model_states.pt")):
@@ -233,6 +235,29 @@ def _is_tensor_type(t: Any) -> bool:
     return isinstance(t, type) and issubclass(t, torch.Tensor)
 
 
+# data keys that name files or folders; stored absolute so eval.py finds them from anywhere
+_DATA_PATH_KEYS = ("path", "root")
+
+
+def absolute_data_paths(data: DictConfig) -> None:
+    """Make `data.path` / `data.root` absolute (URLs such as hf://... are left alone)."""
+
+    def absolute(value: Any) -> Any:
+        if isinstance(value, str) and value and "://" not in value:
+            return os.path.abspath(os.path.expanduser(value))
+        return value
+
+    with open_dict(data):
+        for key in _DATA_PATH_KEYS:
+            if key not in data or OmegaConf.is_missing(data, key):
+                continue
+            value = data[key]
+            if isinstance(value, ListConfig):
+                data[key] = [absolute(v) for v in value]
+            else:
+                data[key] = absolute(value)
+
+
 def fill_from_data(node: DictConfig, values: dict[str, Any]) -> None:
     """Fill the `???` fields of a net config with what only the data knows (vocab, classes)."""
     with open_dict(node):
@@ -357,6 +382,7 @@ def _train(cfg: DictConfig) -> float | None:
 
     for group in ("data", "model", "optimizer", "scheduler", "trainer"):
         check_types(cfg.get(group), group)
+    absolute_data_paths(cfg.data)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     if ckpt is not None and type(datamodule).__qualname__ in ckpt:
         datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])
@@ -474,7 +500,12 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(cfg, logger=loggers or False, default_root_dir=str(out))
     results = trainer.test(task, datamodule=datamodule)
-    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
+    # the task logs `test/...`; name the figures after the split they were computed on
+    split = (cfg.get("data") or {}).get("split") or "test"
+    metrics = {
+        (f"{split}/{k[len('test/') :]}" if k.startswith("test/") else k): float(v)
+        for k, v in (results[0] if results else {}).items()
+    }
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         for k, v in sorted(metrics.items()):
