@@ -247,6 +247,9 @@ def test_multirun_gives_one_directory_per_job(tmp_path):
 @pytest.mark.parametrize("debug", ["fdr", "limit"])
 def test_debug_presets(debug, tmp_path):
     run_cli("train.py", f"debug={debug}", *TINY_LM[:5], cwd=tmp_path)
+    (run,) = run_dirs(tmp_path, "debug")
+    assert (run / "metrics.json").is_file()
+    assert not list(run.rglob("*.ckpt"))  # debug runs write no checkpoints
 
 
 def test_tensorboard_logger_writes_events(tmp_path):
