@@ -45,6 +45,8 @@ def test_run_directory_holds_everything(trained):
     assert {"train/loss", "val/loss", "val/ppl", "test/loss", "test/ppl"} <= keys
     assert any(k.startswith("train/") and "per_sec" in k for k in keys)  # throughput
     assert "--- sample at step" in proc.stdout
+    # piped output carries no colour codes (a terminal gets colour; NO_COLOR=1 turns it off)
+    assert "\x1b[" not in proc.stdout + proc.stderr
 
 
 def test_checkpoints_are_plain_data(trained):
