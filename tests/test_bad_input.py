@@ -32,8 +32,12 @@ def test_unknown_option_lists_the_valid_ones(earlier_run):
 
 
 def test_missing_data_path(earlier_run):
-    err = fails(earlier_run[0], *TINY_LM, "data.path=/does/not/exist")
+    root, run = earlier_run
+    before = set(run_dirs(root))
+    err = fails(root, *TINY_LM, "data.path=/does/not/exist")
     assert "error: data.path=/does/not/exist does not exist" in err
+    (failed,) = set(run_dirs(root)) - before  # the run folder says it failed, and why
+    assert "data.path=/does/not/exist does not exist" in (failed / "error.txt").read_text()
 
 
 def test_corpus_shorter_than_one_block(earlier_run):

@@ -49,6 +49,19 @@ def _root_cause(e: BaseException) -> BaseException:
     return e
 
 
+def _mark_failed(msg: str) -> None:
+    """Leave `error.txt` in the run directory Hydra made, so a failed run is not mistaken for
+    one in progress (generate.py runs in the current folder and makes none)."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    if hc.output_subdir is None or not out.is_dir():
+        return
+    with contextlib.suppress(OSError):
+        (out / "error.txt").write_text(msg + "\n", encoding="utf-8")
+
+
 def reports_user_errors(fn: Callable) -> Callable:
     """Turn bad input into one clear line on stderr and exit status 2 (no traceback wall).
 
@@ -71,6 +84,7 @@ def reports_user_errors(fn: Callable) -> Callable:
             msg = str(cause).strip()
             log.error(msg)
             print(f"error: {msg}", file=sys.stderr, flush=True)
+            _mark_failed(msg)
             sys.exit(2)
 
     return wrapper
