@@ -8,11 +8,6 @@ for rank 1, which a pytest process cannot host.
 from __future__ import annotations
 
 import csv
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -23,9 +18,10 @@ import torch
 from bigmodel.distributed import derive_accumulation
 from bigmodel.errors import UserError
 from bigmodel.run import build_task, build_trainer, set_accumulation
-from tests.conftest import ROOT, TINY_LM, compose_config, run_cli, run_dirs
+from tests.conftest import TINY_LM, compose_config, run_cli, run_dirs
 
-# The text sample callback is left out of distributed runs: it is not what is tested here.
+# Distributed runs keep every default callback: the text sample, drawn on every rank, is what
+# once hung FSDP2 when only rank 0 ran its forward passes.
 TINY_DDP = TINY_LM
 
 
@@ -257,62 +253,6 @@ def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
         m(x).square().mean().backward()
     for (name, a), b in zip(net.named_parameters(), ckpt_net.parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, msg=name)
-
-
-# -------------------------------------------------------------------------------- SIGTERM
-@pytest.mark.slow
-def test_sigterm_saves_last_ckpt_and_ckpt_path_last_continues(tmp_path):
-    args = [
-        *TINY_LM,
-        "trainer.max_steps=100000",
-        "trainer.val_check_interval=1000",
-        "trainer.log_every_n_steps=1",
-        "+logger.csv.flush_logs_every_n_steps=1",
-        "test=false",
-    ]
-    env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "train.py"), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        deadline = time.monotonic() + 240
-        metrics = None
-        while time.monotonic() < deadline and proc.poll() is None:  # wait until steps are logged
-            found = list((tmp_path / "logs").rglob("csv/metrics.csv"))
-            if found and found[0].read_text().count("\n") >= 6:
-                metrics = found[0]
-                break
-            time.sleep(0.5)
-        assert metrics is not None, proc.stderr.read() if proc.poll() is not None else "no steps"
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    (run,) = run_dirs(tmp_path)
-    last = run / "checkpoints" / "last.ckpt"
-    assert last.is_file()
-    ckpt = torch.load(last, weights_only=True)
-    step = ckpt["global_step"]
-    assert 1 <= step < 100000
-    assert any(v.get("sigterm") for v in ckpt["callbacks"].values())
-    run_cli(
-        "train.py",
-        *TINY_LM,
-        "ckpt_path=last",
-        f"trainer.max_steps={step + 3}",
-        "test=false",
-        cwd=tmp_path,
-    )
-    resumed = [r for r in run_dirs(tmp_path) if r != run]
-    assert len(resumed) == 1
-    final = torch.load(resumed[0] / "checkpoints" / "last.ckpt", weights_only=True)
-    assert final["global_step"] == step + 3
 
 
 # ------------------------------------------------------------------------------------ GPU

@@ -75,11 +75,11 @@ def test_sigterm_mid_training_saves_last_ckpt_and_resumes_from_that_step(tmp_pat
     losses_before = logged_losses(run / "csv" / "metrics.csv")
     assert losses_before[-1][0] < step
 
-    # the same run continued from that checkpoint for 4 more steps
+    # the same command with ckpt_path=last (README "Stopping and resuming"), 4 more steps
     run_cli(
         "train.py",
         *TINY_LM,
-        f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+        "ckpt_path=last",
         f"trainer.max_steps={step + 4}",
         "trainer.log_every_n_steps=1",
         "test=false",
