@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -96,6 +97,12 @@ def run_cli(
             f"\n--- stderr\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def logged(run: Path, key: str) -> list[float]:
+    """The values of `key` (train/loss, val/loss, ...) a run logged, in order (csv/metrics.csv)."""
+    with open(run / "csv" / "metrics.csv") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
 
 
 def run_dirs(root: Path, task_name: str = "train") -> list[Path]:

@@ -4,7 +4,6 @@ synthetic digits and a folder of wav files) that must learn."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
@@ -17,7 +16,7 @@ from bigmodel.data.audio import read_clip
 from bigmodel.errors import UserError
 from bigmodel.nets import AudioCNN, LogMel, SpecAugment
 from bigmodel.nets.audio import hz_to_mel
-from tests.conftest import run_cli, run_dirs
+from tests.conftest import logged, run_cli, run_dirs
 
 
 def tone(freq: float, sr: int, seconds: float, channels: int = 1) -> np.ndarray:
@@ -196,12 +195,6 @@ def test_audio_bad_input(tmp_path):
         AudioDataModule(source="folder", root=str(one)).setup()
 
 
-def train_losses(run) -> list[float]:
-    """train/loss as logged during the run, in order (the run's csv/metrics.csv)."""
-    with open(run / "csv" / "metrics.csv") as f:
-        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-
-
 @pytest.mark.slow  # ~35 s; the fast suite runs experiment=spoken_digits through the README test
 def test_cli_spoken_digits(tmp_path):
     # The log-mel CNN sits near ln(10) for its first ~80 steps; 20 epochs of 14 steps at a higher
@@ -225,7 +218,7 @@ def test_cli_spoken_digits(tmp_path):
     assert list((tmp_path / ".cache" / "spoken_digits").glob("*.npz"))
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["AudioDataModule"]["classes"][:2] == ["zero", "one"]
-    losses = train_losses(run)
+    losses = logged(run, "train/loss")
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses  # from about 2.4 to 1.8
     # unseen speakers: chance is 1 in 10, this run reaches about 0.38
     assert metrics["test/acc"] > 0.1 + 0.15, metrics["test/acc"]
@@ -253,7 +246,7 @@ def test_cli_audio_folder_learns_the_tones(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["AudioDataModule"]["classes"] == ["high", "low", "mid"]
-    losses = train_losses(run)
+    losses = logged(run, "train/loss")
     # from about ln(3) = 1.1 to 0.6; a net that does not learn drifts by up to 0.2 on 24 clips
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.4, losses
     assert metrics["test/acc"] > 1 / 3 + 0.3, metrics["test/acc"]  # three classes

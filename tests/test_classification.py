@@ -3,7 +3,6 @@ short CLI runs of the image experiments."""
 
 from __future__ import annotations
 
-import csv
 import json
 
 import lightning as L
@@ -17,7 +16,7 @@ from bigmodel.data import ImageDataModule
 from bigmodel.nets import CNN, ViT
 from bigmodel.tasks import Classifier
 from bigmodel.tasks.classification import classification_metrics
-from tests.conftest import run_cli, run_dirs
+from tests.conftest import logged, run_cli, run_dirs
 
 # Tiny nets run fastest on one thread, and the test machines are shared by parallel jobs.
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
@@ -146,12 +145,6 @@ def test_vit_pooling_and_shapes():
     assert ckpt.patch_embed.weight.grad is not None
 
 
-def train_losses(run) -> list[float]:
-    """train/loss as logged during the run, in order (the run's csv/metrics.csv)."""
-    with open(run / "csv" / "metrics.csv") as f:
-        return [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
-
-
 def _check_run(root, metrics_needed):
     (run,) = run_dirs(root)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -207,7 +200,7 @@ def test_cli_digits_vit_with_hinge_loss(tmp_path):
         env=ONE_THREAD,
     )
     run, metrics = _check_run(tmp_path, NEEDED)
-    losses = train_losses(run)
+    losses = logged(run, "train/loss")
     # the multi-class hinge loss starts near 0.9 (every margin violated) and falls to about 0.2
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     assert metrics["test/acc"] > 0.1 + 0.2  # chance is 1 in 10; this run reaches about 0.5

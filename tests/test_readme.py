@@ -16,10 +16,13 @@ reason; of those, the composition still runs (`--cfg job` for train.py).
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import re
 import shlex
 import struct
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,11 +316,8 @@ def run_command(cmd: Command, cwd: Path, previous: list[str] | None) -> list[str
     return argv
 
 
-def run_cli_module(args: list[str], cwd: Path):
-    import os
-    import subprocess
-    import sys
-
+def run_cli_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m <module> args...`, as the README writes it."""
     env = {**os.environ, "BIGMODEL_ROOT": str(cwd)}
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True

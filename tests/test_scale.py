@@ -7,7 +7,6 @@ for rank 1, which a pytest process cannot host.
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import hydra
@@ -18,7 +17,7 @@ import torch
 from bigmodel.distributed import derive_accumulation
 from bigmodel.errors import UserError
 from bigmodel.run import build_task, build_trainer, set_accumulation
-from tests.conftest import TINY_LM, compose_config, run_cli, run_dirs
+from tests.conftest import TINY_LM, compose_config, logged, run_cli, run_dirs
 
 # Distributed runs keep every default callback: the text sample, drawn on every rank, is what
 # once hung FSDP2 when only rank 0 ran its forward passes.
@@ -26,8 +25,7 @@ TINY_DDP = TINY_LM
 
 
 def val_losses(run: Path) -> list[float]:
-    with open(run / "csv" / "metrics.csv") as f:
-        return [float(r["val/loss"]) for r in csv.DictReader(f) if r.get("val/loss")]
+    return logged(run, "val/loss")
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
