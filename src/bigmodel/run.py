@@ -31,6 +31,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from bigmodel.callbacks.rng import BatchSeeds
 from bigmodel.distributed import derive_accumulation, patch_ddp_hydra_launcher
 from bigmodel.errors import UserError
 from bigmodel.loggers import redact
@@ -406,6 +407,10 @@ def _train(cfg: DictConfig) -> float | None:
     if ckpt is not None:
         check_same_model(ckpt, ckpt_path, cfg.model, task)
     callbacks = instantiate_all(cfg.get("callbacks"))
+    # re-seeding goes last, after anything that samples at the same hook (Lightning then moves
+    # the checkpoint callbacks after it): the generators a checkpoint is written with are the
+    # ones the next batch starts from
+    callbacks.sort(key=lambda c: isinstance(c, BatchSeeds))
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(
         cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out)
@@ -467,9 +472,7 @@ def restore(ckpt_path: str, data_overrides: DictConfig | None = None):
     datamodule = hydra.utils.instantiate(cfg.data)
     key = type(datamodule).__qualname__
     if key in ckpt:
-        state = dict(ckpt[key])
-        state.pop("train_position", None)
-        datamodule.load_state_dict(state)
+        datamodule.load_state_dict(ckpt[key])
     with open_dict(cfg):
         cfg.optimizer, cfg.scheduler = None, None
     # the loss the model was trained with, so eval reports the same test/loss

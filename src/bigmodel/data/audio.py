@@ -40,6 +40,7 @@ from bigmodel.data.image import (
     handle_bad_file,
     split_indices,
 )
+from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
 from bigmodel.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -539,19 +540,20 @@ class AudioDataModule(L.LightningDataModule):
         return {"num_classes": len(self.classes), "sample_rate": self.sample_rate}
 
     # ---------------------------------------------------------------------------- dataloaders
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader | ResumableLoader:
         if len(self.datasets[split]) == 0:
             raise UserError(f"the {split} split is empty; raise data.{split}_fraction or add clips")
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        kwargs = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if shuffle:  # training: a seeded order per epoch that resumes mid-epoch
+            return train_loader(self, self.datasets[split], shuffle=True, seed=self.seed, **kwargs)
+        return eval_loader(self.datasets[split], **kwargs)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
 from bigmodel.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -477,7 +478,7 @@ class ImageDataModule(L.LightningDataModule):
         }
 
     # ---------------------------------------------------------------------------- dataloaders
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -489,19 +490,21 @@ class ImageDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader:
         return self._loader(self.split)
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader | ResumableLoader:
         if len(self.data[split][1]) == 0:
             raise UserError(
                 f"the {split} split is empty; raise data.{split}_fraction or add images"
             )
-        return DataLoader(
-            TensorDataset(*self.data[split]),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-        )
+        ds = TensorDataset(*self.data[split])
+        kwargs = {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
+        if shuffle:  # training: a seeded order per epoch that resumes mid-epoch
+            return train_loader(self, ds, shuffle=True, seed=self.seed, **kwargs)
+        return eval_loader(ds, **kwargs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         """uint8 -> float in [0, 1], augmentation (training only), normalisation: on the device."""

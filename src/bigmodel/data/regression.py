@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
 from bigmodel.errors import UserError
 
 
@@ -93,15 +94,14 @@ class RegressionDataModule(L.LightningDataModule):
     def net_kwargs(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features}
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            TensorDataset(*self.data[split]),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-        )
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader | ResumableLoader:
+        ds = TensorDataset(*self.data[split])
+        kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers}
+        if shuffle:  # training: a seeded order per epoch that resumes mid-epoch
+            return train_loader(self, ds, shuffle=True, seed=self.seed, **kwargs)
+        return eval_loader(ds, **kwargs)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self) -> DataLoader:

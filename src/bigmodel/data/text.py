@@ -12,8 +12,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
 from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from bigmodel.errors import UserError
 
@@ -119,27 +120,6 @@ class StridedWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class ResumableSampler(Sampler[int]):
-    """Sequential indices into a dataset that reshuffles itself each epoch, able to start mid-epoch.
-
-    Lightning calls `set_epoch`; the data module sets `skip` when resuming from a checkpoint so the
-    resumed run sees exactly the batches the interrupted one had not yet seen.
-    """
-
-    def __init__(self, dataset: RandomWindows) -> None:
-        self.dataset, self.skip = dataset, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.dataset) - self.skip
-
-    def __iter__(self):
-        start, self.skip = self.skip, 0
-        return iter(range(start, len(self.dataset)))
-
-
 class TextDataModule(L.LightningDataModule):
     """Language-modelling data: text -> tokenizer -> cached token ids -> (x, y) windows.
 
@@ -188,8 +168,6 @@ class TextDataModule(L.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.tokenizer: CharTokenizer | BPETokenizer | None = None
         self.tokens: dict[str, np.ndarray] = {}
-        self._resume_position: dict | None = None
-        self._train_sampler: ResumableSampler | None = None
 
     # ----------------------------------------------------------------------------------- text
     def load_text(self) -> str:
@@ -282,17 +260,15 @@ class TextDataModule(L.LightningDataModule):
         return {"vocab_size": self.vocab_size}
 
     # ---------------------------------------------------------------------------- dataloaders
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         tokens = self.tokens["train"]
         ds = RandomWindows(
             tokens, self.block_size, max(1, len(tokens) // self.block_size), self.seed
         )
-        self._train_sampler = sampler = ResumableSampler(ds)
-        if self._resume_position is not None:
-            ds.set_epoch(self._resume_position["epoch"])
-            sampler.skip = self._resume_position["batches"] * self.batch_size
-            self._resume_position = None
-        return self._loader(ds, sampler=sampler, drop_last=True)
+        # the windows are drawn at random offsets per epoch already: read them in order
+        return train_loader(
+            self, ds, shuffle=False, seed=self.seed, drop_last=True, **self._loader_kwargs()
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")
@@ -306,25 +282,21 @@ class TextDataModule(L.LightningDataModule):
             raise UserError(f"the {split} split is shorter than one block; adjust data.splits")
         return self._loader(StridedWindows(tokens, self.block_size, self.max_eval_windows))
 
-    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+    def _loader(self, ds: Dataset) -> DataLoader:
+        return eval_loader(ds, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict:
+        return {
+            "batch_size": self.batch_size,
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        state = {"tokenizer": self.tokenizer.to_dict()} if self.tokenizer else {}
-        trainer = self.trainer
-        if trainer is not None and trainer.state.fn == "fit":
-            # Batches of the current epoch already trained on: a resumed run skips them.
-            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            state["train_position"] = {"epoch": trainer.current_epoch, "batches": int(done)}
-        return state
+        # the position in the epoch is the training loader's state, kept by Lightning's loop
+        return {"tokenizer": self.tokenizer.to_dict()} if self.tokenizer else {}
 
     def load_state_dict(self, state: dict) -> None:
         if "tokenizer" in state:
@@ -335,4 +307,3 @@ class TextDataModule(L.LightningDataModule):
                     "resume with the same data config the checkpoint was trained with"
                 )
             self.tokenizer = restored
-        self._resume_position = state.get("train_position")

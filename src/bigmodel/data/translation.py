@@ -24,8 +24,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset
 
+from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
 from bigmodel.data.tokenizers import TokenizerPair, tokenizer_from_dict
 from bigmodel.errors import UserError
 
@@ -702,11 +703,10 @@ class TranslationDataModule(L.LightningDataModule):
         batches = length_buckets(lengths, batch_size, seed)
         return PairBatches(self.pairs[split], src_ids, tgt_ids, batches, self.tokenizer.pad_id)
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> ResumableLoader:
         ds = self._dataset("train", self.batch_size, self.seed)
-        # Batches keep their members; their order is reshuffled every epoch.
-        g = torch.Generator().manual_seed(self.seed)
-        return self._loader(ds, sampler=RandomSampler(ds, generator=g))
+        # Batches keep their members; their order is reshuffled every epoch (seeded).
+        return train_loader(self, ds, shuffle=True, seed=self.seed, **self._loader_kwargs())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self._dataset("val", self.eval_batch_size, self.seed))
@@ -714,15 +714,16 @@ class TranslationDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self._dataset(self.split, self.eval_batch_size, self.seed))
 
-    def _loader(self, ds: Dataset, **kwargs) -> DataLoader:
-        return DataLoader(
-            ds,
-            batch_size=None,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+    def _loader(self, ds: Dataset) -> DataLoader:
+        return eval_loader(ds, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict:
+        return {
+            "batch_size": None,  # the items are whole batches (PairBatches)
+            "num_workers": self.num_workers,
+            "pin_memory": self.pin_memory,
+            "persistent_workers": self.num_workers > 0,
+        }
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -1,0 +1,63 @@
+"""Random number generators that a resumed run finds in the state the stopped one left them."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+# a large odd multiplier spreads (seed, batch, rank) over the 64-bit seed space
+_MIX = 0x9E3779B97F4A7C15
+
+
+class BatchSeeds(L.Callback):
+    """At every batch boundary of training, seed torch (CPU and CUDA), numpy and python's
+    `random` from (seed, training batches done, rank).
+
+    Dropout and augmentation draw from these generators, so their state decides the numbers a
+    run gets. Saving the live states would need every rank's state in the checkpoint, gathered
+    at save time; Lightning also saves from signal handlers (SLURM), where a gather can hang.
+    Re-deriving them from what the checkpoint already holds needs neither: the state before
+    batch n is a function of n, in the uninterrupted run and in one resumed at n alike.
+
+    Boundaries: the start of training and of each epoch, the end of each training batch, and
+    the end of each validation during fit (after the callbacks that sample text). The runner
+    puts this callback after the others so that nothing draws from the generators between
+    the re-seeding and the checkpoint written at the same boundary.
+    """
+
+    def __init__(self, seed: int | None = None) -> None:
+        # no seed configured: draw one, and keep it in checkpoints so a resumed run uses it too
+        self.seed = int(seed) if seed is not None else random.SystemRandom().randrange(2**31)
+        self.batches = 0
+
+    def reseed(self, trainer: L.Trainer) -> None:
+        s = (self.seed * _MIX + self.batches * 1_000_003 + trainer.global_rank) % 2**63
+        torch.manual_seed(s)  # seeds every CUDA device too
+        np.random.seed(s % 2**32)
+        random.seed(s)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reseed(trainer)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.reseed(trainer)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        self.batches += 1
+        self.reseed(trainer)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.reseed(trainer)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "batches": self.batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.batches = int(state["seed"]), int(state["batches"])
