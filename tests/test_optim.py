@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import math
 import pkgutil
 
 import pytest
@@ -23,6 +25,7 @@ from bigmodel.nets import (
 )
 from bigmodel.optim import WarmupCosineLR, param_groups
 from bigmodel.tasks import Task
+from tests.conftest import TINY_LM, logged, run_cli, run_dirs
 
 
 def test_weight_decay_only_on_weight_matrices():
@@ -168,3 +171,155 @@ def test_schedule_needs_steps():
         assert WarmupCosineLR(opt, total_steps=10, warmup_steps=10).warmup_steps == 1
     with pytest.raises(UserError, match="trainer.max_steps"):
         WarmupCosineLR(opt, total_steps=None)
+
+
+def cosine_lrs(total: int, start: int, stop: int, **kw) -> list[float]:
+    """Steps start..stop-1 of an uninterrupted schedule planned for `total` (base lr 1.0)."""
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    s = WarmupCosineLR(opt, total_steps=total, warmup_steps=10, min_lr_ratio=0.1, **kw)
+    lrs = []
+    for _ in range(stop):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    return lrs[start:]
+
+
+def resumed_lrs(saved_total: int, new_total: int, at: int, stop: int, **kw) -> list[float]:
+    """Stop a schedule planned for `saved_total` at step `at`, resume it the way Lightning does
+    (optimizer state, then scheduler state, through torch.save) planned for `new_total`."""
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=1.0)
+    s = WarmupCosineLR(opt, total_steps=saved_total, warmup_steps=10, min_lr_ratio=0.1)
+    for _ in range(at):
+        opt.step()
+        s.step()
+    buf = io.BytesIO()
+    torch.save({"opt": opt.state_dict(), "sched": s.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    opt2 = torch.optim.SGD([p], lr=1.0)
+    s2 = WarmupCosineLR(opt2, total_steps=new_total, warmup_steps=10, min_lr_ratio=0.1, **kw)
+    opt2.load_state_dict(ckpt["opt"])
+    s2.load_state_dict(ckpt["sched"])
+    assert s2.last_epoch == at and s2.warmup_steps == 10
+    lrs = []
+    for _ in range(at, stop):
+        lrs.append(opt2.param_groups[0]["lr"])
+        opt2.step()
+        s2.step()
+    return lrs
+
+
+def resume_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("resuming at")]
+
+
+def test_resume_with_a_larger_total_replans_or_keeps_the_saved_plan(caplog):
+    caplog.set_level(logging.INFO, logger="bigmodel")
+    # replan: from the step reached on, exactly the lrs of a run planned for 200 from the start
+    replanned = resumed_lrs(100, 200, at=60, stop=210)
+    assert replanned == cosine_lrs(200, 60, 210)
+    assert replanned[0] > 0.5 and replanned[-1] == pytest.approx(0.1)  # not at the floor early
+    (line,) = resume_lines(caplog)
+    assert line.startswith(
+        "resuming at step 60 with 200 total steps (the checkpoint planned 100): the cosine "
+        "schedule is re-planned to 200 steps"
+    )
+    assert line.endswith("scheduler.scheduler.on_resume=saved keeps the saved plan")
+    caplog.clear()
+    # saved: the checkpoint's plan, so everything past step 100 is at the floor
+    kept = resumed_lrs(100, 200, at=60, stop=210, on_resume="saved")
+    assert kept == cosine_lrs(100, 60, 210)
+    assert kept[40:] == [pytest.approx(0.1)] * 110
+    (line,) = resume_lines(caplog)
+    assert "(the checkpoint planned 100): on_resume=saved keeps the saved plan" in line
+    assert "so the last 100 steps train at the floor lr (min_lr_ratio=0.1 x lr)" in line
+    assert "scheduler.scheduler.on_resume=replan re-plans it" in line
+
+
+def test_resume_with_the_same_total_is_exact_and_silent(caplog):
+    caplog.set_level(logging.INFO, logger="bigmodel")
+    for on_resume in ("replan", "saved"):
+        for at in (0, 5, 60, 100, 110):  # in warmup, in the cosine, at and past the end
+            assert resumed_lrs(100, 100, at, 130, on_resume=on_resume) == cosine_lrs(100, at, 130)
+    assert resume_lines(caplog) == []
+
+
+def test_resume_with_a_shorter_total(caplog):
+    caplog.set_level(logging.INFO, logger="bigmodel")
+    # still inside the new total: the shorter cosine from here on
+    assert resumed_lrs(100, 80, at=60, stop=90) == cosine_lrs(80, 60, 90)
+    (line,) = resume_lines(caplog)
+    assert "the cosine schedule is re-planned to 80 steps (lr" in line
+    caplog.clear()
+    # already past it: the floor, and the line says so
+    assert resumed_lrs(100, 50, at=60, stop=70) == [pytest.approx(0.1)] * 10
+    (line,) = resume_lines(caplog)
+    assert (
+        "re-planned to 50 steps, which this run is already past: the lr stays at the floor" in line
+    )
+    caplog.clear()
+    # a total inside the saved warmup: warm up until it, then the floor
+    with pytest.warns(UserWarning, match="warming up for 0"):  # the new scheduler's own warmup
+        lrs = resumed_lrs(100, 8, at=5, stop=12)
+    assert lrs[:3] == cosine_lrs(100, 5, 8) and lrs[3:] == [pytest.approx(0.1)] * 4
+    caplog.clear()
+    assert resumed_lrs(100, 80, at=60, stop=90, on_resume="saved") == cosine_lrs(100, 60, 90)
+    (line,) = resume_lines(caplog)
+    assert "training stops at step 80, before the cosine reaches its floor at step 100" in line
+
+
+def test_on_resume_is_the_resuming_runs_choice():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(UserError, match=r"scheduler.scheduler.on_resume='keep' .* replan, saved"):
+        WarmupCosineLR(opt, total_steps=10, on_resume="keep")
+    old = WarmupCosineLR(opt, total_steps=10, on_resume="saved").state_dict()
+    new = WarmupCosineLR(opt, total_steps=20)
+    new.load_state_dict(old)
+    assert new.on_resume == "replan" and new.total_steps == 20
+    del old["on_resume"]  # a checkpoint written before the option existed
+    new.load_state_dict(old)
+    assert new.total_steps == 20
+
+
+def test_train_py_extends_a_finished_run(tmp_path):
+    """Resuming with a larger trainer.max_steps re-plans the cosine (or keeps the floor)."""
+    base = [
+        *TINY_LM,
+        "trainer.max_steps=8",
+        "trainer.val_check_interval=4",
+        "test=false",
+        "trainer.log_every_n_steps=1",
+    ]
+    run_cli("train.py", *base, cwd=tmp_path)
+    (first,) = run_dirs(tmp_path)
+    lr, floor = 1e-3, 1e-4  # optimizer=adamw's lr, min_lr_ratio=0.1 of it
+    assert logged(first, "lr-AdamW/pg1")[-1] == pytest.approx(lr * cosine_factor(8, 2, 7))
+    resume = [*base, f"ckpt_path={first / 'checkpoints' / 'last.ckpt'}", "trainer.max_steps=16"]
+    head = "resuming at step 8 with 16 total steps (the checkpoint planned 8): "
+    seen = {first}
+    for on_resume in ("replan", "saved"):
+        proc = run_cli(
+            "train.py", *resume, f"scheduler.scheduler.on_resume={on_resume}", cwd=tmp_path
+        )
+        (run,) = set(run_dirs(tmp_path)) - seen
+        seen.add(run)
+        lrs = logged(run, "lr-AdamW/pg1")  # steps 8..15
+        out = proc.stdout + proc.stderr
+        assert sum(head in line for line in out.splitlines()) == 1, out[-3000:]
+        if on_resume == "replan":
+            assert lrs == pytest.approx([lr * cosine_factor(16, 2, s) for s in range(8, 16)])
+            assert lrs[0] > 5 * floor
+            assert head + "the cosine schedule is re-planned to 16 steps" in out
+        else:
+            assert lrs == pytest.approx([floor] * 8)
+            assert head + "on_resume=saved keeps the saved plan" in out
+
+
+def cosine_factor(total: int, warmup: int, step: int) -> float:
+    """WarmupCosineLR's factor written out, min_lr_ratio=0.1."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = min(1.0, (step - warmup) / (total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from bigmodel.errors import UserError
+
+log = logging.getLogger("bigmodel")
+
+# What a resumed WarmupCosineLR does when the run's total steps differ from the checkpoint's.
+ON_RESUME = ("replan", "saved")
 
 # Modules whose parameters never get weight decay: decaying norms, biases and embeddings only
 # shrinks them towards zero without regularising anything useful.
@@ -61,7 +68,15 @@ def _declared_parameter(module: nn.Module, name: str) -> nn.Parameter:
 
 class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     """Linear warmup from 0 over `warmup_steps`, then cosine decay to `min_lr_ratio` x the base lr
-    at `total_steps`, constant after. Stepped once per optimizer step."""
+    at `total_steps`, constant after. Stepped once per optimizer step.
+
+    on_resume: what a resumed run does when its `total_steps` (Task.configure_optimizers derives
+    it from trainer.max_steps / max_epochs) differs from the checkpoint's. "replan" (default, as
+    nanoGPT's get_lr does when max_iters grows): keep the saved step counter and warmup and
+    stretch or shrink the cosine to the new total; past a shorter total the lr sits at the
+    floor. "saved": continue exactly the schedule the checkpoint planned (extra steps at the
+    floor). Equal totals resume the saved schedule bit for bit either way.
+    """
 
     def __init__(
         self,
@@ -70,6 +85,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         warmup_steps: int = 0,
         min_lr_ratio: float = 0.1,
         last_epoch: int = -1,
+        on_resume: str = "replan",
     ) -> None:
         if total_steps is None or total_steps <= 0:
             raise UserError(
@@ -78,6 +94,12 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
             )
         if warmup_steps < 0:
             raise UserError(f"scheduler warmup_steps must be >= 0, got {warmup_steps}")
+        if on_resume not in ON_RESUME:
+            raise UserError(
+                f"scheduler.scheduler.on_resume={on_resume!r} is not one of {', '.join(ON_RESUME)}"
+                ": replan re-plans the cosine to a resumed run's new total steps, saved keeps "
+                "the checkpoint's plan"
+            )
         if warmup_steps >= total_steps:
             # Short debug runs: keep the schedule's shape rather than refusing to start.
             short = total_steps // 10
@@ -91,9 +113,13 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
             warmup_steps,
             min_lr_ratio,
         )
+        self.on_resume = on_resume
         super().__init__(optimizer, self.factor, last_epoch=last_epoch)
 
     def factor(self, step: int) -> float:
+        if step >= self.total_steps:
+            # the floor; also where a re-planned, shorter total falls inside the saved warmup
+            return self.min_lr_ratio
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
         progress = min(
@@ -108,4 +134,59 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_lambdas")}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self.__dict__.update(state_dict)
+        state = dict(state_dict)
+        state.pop("on_resume", None)  # the resuming run's choice, not the checkpoint's
+        new_total, on_resume = self.total_steps, self.on_resume
+        saved_total = state.get("total_steps", new_total)
+        self.__dict__.update(state)
+        if saved_total == new_total:
+            return  # the saved schedule, bit for bit
+        step = self.last_epoch
+        head = (
+            f"resuming at step {step} with {new_total} total steps "
+            f"(the checkpoint planned {saved_total})"
+        )
+        if on_resume == "saved":
+            self.total_steps = saved_total
+            if new_total > saved_total:
+                what = (
+                    f"on_resume=saved keeps the saved plan, so the last "
+                    f"{new_total - max(step, saved_total)} steps train at the floor lr "
+                    f"(min_lr_ratio={self.min_lr_ratio} x lr)"
+                )
+            else:
+                what = (
+                    f"on_resume=saved keeps the saved plan, so training stops at step "
+                    f"{new_total}, before the cosine reaches its floor at step {saved_total}"
+                )
+            _log_once(f"{head}: {what}; scheduler.scheduler.on_resume=replan re-plans it")
+            return
+        before = self.factor(step)
+        self.total_steps = new_total
+        after = self.factor(step)
+        # The optimizer was restored first, holding the saved plan's lr for this step: replace it.
+        lrs = [base_lr * after for base_lr in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, lrs, strict=True):
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(lr)
+            else:
+                group["lr"] = lr
+        self._last_lr = lrs
+        if step >= new_total:
+            what = (
+                f"the cosine schedule is re-planned to {new_total} steps, which this run is "
+                f"already past: the lr stays at the floor (min_lr_ratio={self.min_lr_ratio} x lr)"
+            )
+        else:
+            what = f"the cosine schedule is re-planned to {new_total} steps"
+        _log_once(
+            f"{head}: {what} (lr {self.base_lrs[0] * after:.4g} now, "
+            f"{self.base_lrs[0] * before:.4g} under the saved plan); "
+            "scheduler.scheduler.on_resume=saved keeps the saved plan"
+        )
+
+
+def _log_once(message: str) -> None:
+    """Log on the first process only: every DDP / FSDP rank restores its own scheduler."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        log.info(message)
