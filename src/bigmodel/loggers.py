@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import csv
 import logging
 import os
 import re
@@ -12,7 +13,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 log = logging.getLogger("bigmodel")
 
@@ -177,3 +180,43 @@ def mlflow_logger(tracking_uri: str, **kwargs: Any) -> MLFlowLogger:
         sweep = _sweep_group(hc)
         kwargs["run_name"] = f"{sweep}-{hc.job.num}" if sweep else Path(hc.runtime.output_dir).name
     return MLFlowLogger(tracking_uri=tracking_uri, **kwargs)
+
+
+# --------------------------------------------------------------------------------------- CSV
+class _ContinuingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted.
+
+    A run resumed in its own directory (resume=auto) keeps the rows logged before the stop. Rows
+    at or after the first step the resumed run logs were written after its checkpoint, in the
+    interval the stop lost; they are dropped when the resumed run writes that step again.
+    """
+
+    def _check_log_dir_exists(self) -> None:
+        self._continuing = self._fs.isfile(self.metrics_file_path)
+
+    def save(self) -> None:
+        if getattr(self, "_continuing", False) and self.metrics:
+            self._continuing = False
+            first = min(m.get("step", 0) for m in self.metrics)
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                reader = csv.DictReader(f)
+                fields, rows = list(reader.fieldnames or []), list(reader)
+            kept = [r for r in rows if r.get("step") and int(float(r["step"])) < first]
+            self.metrics_keys = sorted(set(self.metrics_keys) | set(fields))
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(kept)
+        super().save()
+
+
+class ContinuingCSVLogger(CSVLogger):
+    """Lightning's CSVLogger; resumed in the same run directory, it appends to metrics.csv."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> _ContinuingWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _ContinuingWriter(log_dir=self.log_dir)
+        return self._experiment

@@ -13,6 +13,7 @@ import inspect
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import types
@@ -27,11 +28,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
+from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bigmodel.callbacks.rng import BatchSeeds
+from bigmodel.callbacks.sigterm import stopped_by
+from bigmodel.checkpointing import AtomicCheckpointIO
 from bigmodel.distributed import derive_accumulation, patch_ddp_hydra_launcher
 from bigmodel.errors import UserError
 from bigmodel.loggers import redact
@@ -122,6 +126,30 @@ def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | None = None, task_na
             "(runs keep them in logs/train/runs/<run>/checkpoints/)"
         )
     return ckpt_path
+
+
+_RESUME_CHOICES = ("auto", "never")
+
+
+def auto_resume(resume: str | None, run_dir: Path) -> str | None:
+    """`resume=auto`: the run directory's newest intact checkpoint, or None to start fresh.
+
+    A run directory holds checkpoints when it is fixed (`hydra.run.dir=...`, or SLURM's job id
+    with trainer=slurm) and an earlier run in it was stopped: running the same command again
+    continues it.
+    """
+    resume = resume or "never"
+    if resume not in _RESUME_CHOICES:
+        raise UserError(f"resume={resume} is not one of {', '.join(_RESUME_CHOICES)}")
+    if resume == "never":
+        return None
+    from bigmodel.checkpointing import newest_checkpoint
+
+    found = newest_checkpoint(run_dir)
+    if found is None:
+        return None
+    log.info(f"resume=auto: continuing from {found} (resume=never starts afresh)")
+    return str(found)
 
 
 def load_checkpoint(path: str) -> dict:
@@ -311,7 +339,17 @@ def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
     strategy = cfg.get("strategy") or "auto"
     if isinstance(strategy, DictConfig):
         strategy = hydra.utils.instantiate(strategy)
-    return hydra.utils.instantiate(cfg.trainer, strategy=strategy, **kwargs)
+    plugins = list(hydra.utils.instantiate(cfg.trainer.get("plugins")) or [])
+    if not _is_deepspeed(strategy) and not any(isinstance(p, CheckpointIO) for p in plugins):
+        # checkpoint files written atomically (DeepSpeed writes folders of shards its own way)
+        plugins.append(AtomicCheckpointIO())
+    return hydra.utils.instantiate(cfg.trainer, strategy=strategy, plugins=plugins, **kwargs)
+
+
+def _is_deepspeed(strategy: Any) -> bool:
+    return (
+        "deepspeed" in (strategy if isinstance(strategy, str) else type(strategy).__name__).lower()
+    )
 
 
 def set_accumulation(cfg: DictConfig, trainer: L.Trainer) -> None:
@@ -379,9 +417,13 @@ def train(cfg: DictConfig) -> float | None:
             if _is_multirun():  # the sweeper records the trial as cut off
                 raise
             # Lightning's SIGTERMException is a SystemExit without a code, so the stopped run
-            # would exit 0 and look finished to schedulers and retry logic: 128 + SIGTERM instead
-            log.warning("stopped by SIGTERM after saving checkpoints/last.ckpt; exit status 143")
-            sys.exit(143)
+            # would exit 0 and look finished to schedulers and retry logic: 128 + the signal
+            signum = stopped_by() or signal.SIGTERM
+            name = signal.Signals(signum).name
+            log.warning(
+                f"stopped by {name} after saving checkpoints/last.ckpt; exit {128 + signum}"
+            )
+            sys.exit(128 + signum)
 
 
 def _train(cfg: DictConfig) -> float | None:
@@ -393,6 +435,8 @@ def _train(cfg: DictConfig) -> float | None:
     out.mkdir(parents=True, exist_ok=True)
 
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
+    if ckpt_path is None and cfg.get("train", True):
+        ckpt_path = auto_resume(cfg.get("resume"), out)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
 
     for group in ("data", "model", "optimizer", "scheduler", "trainer"):

@@ -1,8 +1,9 @@
-"""Save `last.ckpt` when the run is told to stop (SIGTERM: pre-emption, `scancel`, `kill`)."""
+"""Save `last.ckpt` when the run is told to stop: SIGTERM, SIGINT (Ctrl+C) or SIGUSR1."""
 
 from __future__ import annotations
 
 import logging
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -11,38 +12,98 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger("bigmodel")
 
+# the signal that stopped training in this process (None: none did); run.py exits 128 + it
+_stopped_by: int | None = None
+
+
+def stopped_by() -> int | None:
+    return _stopped_by
+
 
 class SigtermCheckpoint(L.Callback):
-    """On SIGTERM, write `<checkpoint dir>/last.ckpt` before the process exits.
+    """On SIGTERM, SIGINT or SIGUSR1, finish the current training batch, write
+    `<checkpoint dir>/last.ckpt` and stop; the process then exits 128 + the signal's number
+    (143, 130, 138), so schedulers and retry logic see that the run did not finish.
 
-    Lightning catches SIGTERM, finishes the current training batch and raises SIGTERMException
-    on every rank; this callback saves the full training state then (all ranks take part, as
-    sharded strategies need), so `python train.py ... ckpt_path=last` continues from that step.
-    The checkpoint records `{"sigterm": true, "step": N}` under this callback's state.
+    Lightning catches SIGTERM itself; this callback makes SIGINT and SIGUSR1 do the same (not
+    SIGUSR1 where Lightning's SLURM auto-requeue has claimed it): their handlers only raise
+    Lightning's stop flag, and Lightning raises SIGTERMException on every rank at the next batch
+    boundary (rank 0's flag decides under DDP). The save happens then, all ranks taking part as
+    sharded strategies need, and a second signal during it only raises the flag again, so it
+    cannot tear the file. The checkpoint records `{"sigterm": true, "step": N, "signal": name}`.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self, filename: str = "last.ckpt") -> None:
         self.filename = filename
         self._saved_at: int | None = None
+        self._signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def ckpt_path(self, trainer: L.Trainer) -> Path:
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
         return Path(dirpath or Path(trainer.default_root_dir) / "checkpoints") / self.filename
 
+    # ------------------------------------------------------------------------------ handlers
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        global _stopped_by
+        _stopped_by = None
+        self._trainer = trainer
+        for sig in self.SIGNALS:
+            current = signal.getsignal(sig)
+            if sig == signal.SIGUSR1 and current not in (signal.SIG_DFL, None):
+                continue  # Lightning's SLURM requeue (or the user's own handler) owns it
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                return
+        with_sigterm = signal.getsignal(signal.SIGTERM)
+        self._previous_sigterm = with_sigterm
+        signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self._signal = self._signal or signum
+        self._trainer._signal_connector.received_sigterm = True
+
+    def _note_sigterm(self, signum: int, frame: Any) -> None:
+        self._signal = self._signal or signum
+        previous = self._previous_sigterm
+        if callable(previous):  # Lightning's own: it raises the stop flag
+            previous(signum, frame)
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+        if getattr(self, "_previous_sigterm", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_sigterm)
+            self._previous_sigterm = None
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore()
+
+    # ---------------------------------------------------------------------------------- stop
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
+        global _stopped_by
+        self._restore()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
             return
+        _stopped_by = self._signal or signal.SIGTERM
         path = self.ckpt_path(trainer)
         self._saved_at = trainer.global_step
         trainer.save_checkpoint(path)
         if trainer.is_global_zero:
+            name = signal.Signals(_stopped_by).name
             log.warning(
-                f"SIGTERM: saved {path} at step {trainer.global_step}; resume with ckpt_path=last"
+                f"{name}: saved {path} at step {trainer.global_step}; resume with the same "
+                "command and ckpt_path=last (or resume=auto in a fixed run directory)"
             )
 
     def state_dict(self) -> dict[str, Any]:
         if self._saved_at is None:
             return {}
-        return {"sigterm": True, "step": self._saved_at}
+        name = signal.Signals(self._signal or signal.SIGTERM).name
+        return {"sigterm": True, "step": self._saved_at, "signal": name}
