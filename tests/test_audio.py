@@ -208,6 +208,7 @@ def test_cli_spoken_digits(tmp_path):
         "trainer.max_epochs=20",
         "model.net.widths=[16,32]",
         "optimizer.lr=0.01",
+        "trainer.log_every_n_steps=1",
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
     )
@@ -239,6 +240,7 @@ def test_cli_audio_folder_learns_the_tones(tmp_path):
         "trainer.max_epochs=20",
         "model.net.widths=[8,16]",
         "optimizer.lr=0.01",
+        "trainer.log_every_n_steps=1",
         cwd=tmp_path,
         env={"OMP_NUM_THREADS": "1"},
     )
@@ -247,6 +249,8 @@ def test_cli_audio_folder_learns_the_tones(tmp_path):
     state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert state["AudioDataModule"]["classes"] == ["high", "low", "mid"]
     losses = logged(run, "train/loss")
-    # from about ln(3) = 1.1 to 0.6; a net that does not learn drifts by up to 0.2 on 24 clips
-    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.4, losses
+    # the first epoch's batches against the last's (5 a epoch; the last one is partial, so one
+    # batch alone is noisy): from about ln(3) = 1.1 to 0.6; a net that does not learn drifts by
+    # up to 0.2 on 24 clips
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.4, losses
     assert metrics["test/acc"] > 1 / 3 + 0.3, metrics["test/acc"]  # three classes

@@ -153,20 +153,6 @@ def test_windows_train_random_eval_deterministic(tmp_path):
     assert torch.equal(first, ds.offsets)  # ... reproducibly
 
 
-def test_resume_position_skips_seen_batches(tmp_path):
-    f = tmp_path / "c.txt"
-    f.write_text(PROSE)
-    d = dm(path=str(f))
-    d.setup("fit")
-    full = [b[0] for b in d.train_dataloader()]
-    d.load_state_dict(
-        {"tokenizer": d.tokenizer.to_dict(), "train_position": {"epoch": 0, "batches": 3}}
-    )
-    rest = [b[0] for b in d.train_dataloader()]
-    assert len(rest) == len(full) - 3
-    assert all(torch.equal(a, b) for a, b in zip(rest, full[3:], strict=True))
-
-
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
