@@ -33,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from bigmodel.callbacks.rng import BatchSeeds
+from bigmodel.callbacks.resume import ExactResume
 from bigmodel.callbacks.sigterm import stopped_by
 from bigmodel.checkpointing import AtomicCheckpointIO
 from bigmodel.distributed import derive_accumulation, patch_ddp_hydra_launcher
@@ -454,7 +454,7 @@ def _train(cfg: DictConfig) -> float | None:
     # re-seeding goes last, after anything that samples at the same hook (Lightning then moves
     # the checkpoint callbacks after it): the generators a checkpoint is written with are the
     # ones the next batch starts from
-    callbacks.sort(key=lambda c: isinstance(c, BatchSeeds))
+    callbacks.sort(key=lambda c: isinstance(c, ExactResume))
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(
         cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out)

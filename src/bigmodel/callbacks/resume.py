@@ -1,4 +1,4 @@
-"""Random number generators that a resumed run finds in the state the stopped one left them."""
+"""Exact resume: the generators, and the data position, as the stopped run left them."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import torch
 _MIX = 0x9E3779B97F4A7C15
 
 
-class BatchSeeds(L.Callback):
-    """At every batch boundary of training, seed torch (CPU and CUDA), numpy and python's
+class ExactResume(L.Callback):
+    """Two things a resumed run needs beyond Lightning's own restore.
+
+    1. At every batch boundary of training, seed torch (CPU and CUDA), numpy and python's
     `random` from (seed, training batches done, rank).
 
     Dropout and augmentation draw from these generators, so their state decides the numbers a
@@ -27,6 +29,11 @@ class BatchSeeds(L.Callback):
     the end of each validation during fit (after the callbacks that sample text). The runner
     puts this callback after the others so that nothing draws from the generators between
     the re-seeding and the checkpoint written at the same boundary.
+
+    2. The training loader's saved position reaches the loader. Lightning hands it over when it
+    sets the loader up on resume, but a run that trains by epochs has its loader set up
+    earlier, before the restore (a schedule asks for `trainer.estimated_stepping_batches`), and
+    Lightning then skips the hand-over (2.6). It is done here, before the first batch is read.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -41,6 +48,9 @@ class BatchSeeds(L.Callback):
         random.seed(s)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fit_loop = trainer.fit_loop
+        if fit_loop._combined_loader_states_to_load:  # still pending: see 2. above
+            fit_loop._load_combined_loader_states()
         self.reseed(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
