@@ -81,6 +81,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.mark.slow  # CI runs it after the fast suite
 def test_sigkill_at_random_points_and_during_a_save_then_the_same_command(tmp_path, uninterrupted):
     run_dir = tmp_path / "run"
     args = command(tmp_path, run_dir)
@@ -115,7 +116,12 @@ def test_sigkill_at_random_points_and_during_a_save_then_the_same_command(tmp_pa
 
 
 @pytest.mark.parametrize(
-    ("sig", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130), (signal.SIGUSR1, 138)]
+    ("sig", "status"),
+    [
+        (signal.SIGTERM, 143),
+        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # CI runs these two after
+        pytest.param(signal.SIGUSR1, 138, marks=pytest.mark.slow),  # the fast suite
+    ],
 )
 def test_a_stop_signal_saves_exits_non_zero_and_the_same_command_continues(
     tmp_path, uninterrupted, sig, status
