@@ -95,6 +95,9 @@ def test_sigkill_at_random_points_and_during_a_save_then_the_same_command(tmp_pa
         saved = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
         # row `seen` is logged after its optimizer step: seen + 1 steps were done
         lost = seen + 1 - saved["global_step"]
+        print(
+            f"SIGKILL after step {seen + 1}: last.ckpt at step {saved['global_step']}, {lost} lost"
+        )
         assert 0 <= lost <= INTERVAL, (target, seen, saved["global_step"])
 
     # once more, now during a write of last.ckpt: kill -9 as soon as its temporary file appears
