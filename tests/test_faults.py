@@ -177,3 +177,30 @@ def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_pre
     assert ckpt.read_bytes() == before  # untouched, and still loadable
     assert torch.load(ckpt, weights_only=True)["global_step"] == 10
     assert not [f for f in os.listdir(ckpt.parent) if f.endswith(".tmp")]
+
+
+@pytest.mark.slow  # CI runs it after the fast suite
+def test_a_signal_during_validation_stops_the_run_after_the_validation(tmp_path):
+    def args(run_dir: Path) -> list[str]:
+        return [
+            *command(tmp_path, run_dir, max_steps=40),
+            "trainer.val_check_interval=20",
+            "data.path=null",  # the embedded corpus, all of its validation split: 91 batches,
+            "data.max_eval_windows=null",  # long enough for the signal to land among them
+        ]
+
+    run_cli("train.py", *args(tmp_path / "full"), cwd=tmp_path, env=ENV)
+    run_dir = tmp_path / "run"
+    proc = start(tmp_path, args(run_dir))
+    wait_for_step(proc, run_dir, 19)  # row 19 is written as the validation at step 20 starts
+    time.sleep(0.03)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-3000:]
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    # it stopped once the validation was done, before the next step
+    assert ckpt["global_step"] == 20
+    val = ckpt["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]["current"]
+    assert val["completed"] == val["ready"] == 91
+    run_cli("train.py", *args(run_dir), cwd=tmp_path, env=ENV)
+    assert_same_end(tmp_path / "full", run_dir, since=0, metrics=("train/loss", "val/loss"))

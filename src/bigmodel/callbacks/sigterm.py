@@ -20,10 +20,20 @@ def stopped_by() -> int | None:
     return _stopped_by
 
 
+def _validated_at_this_batch(trainer: L.Trainer) -> bool:
+    loop = trainer.fit_loop.epoch_loop
+    try:
+        return bool(loop._should_check_val_fx(trainer.fit_loop._data_fetcher))
+    except Exception:  # Lightning's internals moved: save as it is
+        return False
+
+
 class SigtermCheckpoint(L.Callback):
     """On SIGTERM, SIGINT or SIGUSR1, finish the current training batch, write
     `<checkpoint dir>/last.ckpt` and stop; the process then exits 128 + the signal's number
     (143, 130, 138), so schedulers and retry logic see that the run did not finish.
+
+    A signal that comes during a validation takes effect when the validation has finished.
 
     Lightning catches SIGTERM itself; this callback makes SIGINT and SIGUSR1 do the same (not
     SIGUSR1 where Lightning's SLURM auto-requeue has claimed it): their handlers only raise
@@ -40,6 +50,7 @@ class SigtermCheckpoint(L.Callback):
         self._saved_at: int | None = None
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pending = False
 
     def ckpt_path(self, trainer: L.Trainer) -> Path:
         dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
@@ -62,15 +73,37 @@ class SigtermCheckpoint(L.Callback):
         self._previous_sigterm = with_sigterm
         signal.signal(signal.SIGTERM, self._note_sigterm)
 
+    def _validating(self) -> bool:
+        return self._trainer.validating or self._trainer.sanity_checking
+
     def _handle(self, signum: int, frame: Any) -> None:
         self._signal = self._signal or signum
+        if self._validating():  # let the validation finish: see on_validation_end
+            self._pending = True
+            return
         self._trainer._signal_connector.received_sigterm = True
 
     def _note_sigterm(self, signum: int, frame: Any) -> None:
         self._signal = self._signal or signum
+        if self._validating():
+            self._pending = True
+            return
         previous = self._previous_sigterm
         if callable(previous):  # Lightning's own: it raises the stop flag
             previous(signum, frame)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A signal that came during a validation stops the run after it, not halfway through:
+        Lightning would stop it mid-way and the resumed run would not finish it, so its metrics
+        (and what early stopping and the best checkpoint make of them) would be lost."""
+        if not getattr(self, "_pending", False):
+            return
+        self._pending = False
+        previous = self._previous_sigterm
+        if self._signal == signal.SIGTERM and callable(previous):
+            previous(signal.SIGTERM, None)  # Lightning's own handler, now
+        else:
+            trainer._signal_connector.received_sigterm = True
 
     def _restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -94,7 +127,15 @@ class SigtermCheckpoint(L.Callback):
         _stopped_by = self._signal or signal.SIGTERM
         path = self.ckpt_path(trainer)
         self._saved_at = trainer.global_step
-        trainer.save_checkpoint(path)
+        loop = trainer.fit_loop.epoch_loop
+        # Lightning counts this batch for its loggers after a validation at it, and counts it
+        # again when it resumes from a checkpoint of that moment: save the count it expects
+        after_validation = _validated_at_this_batch(trainer)
+        loop._batches_that_stepped -= after_validation
+        try:
+            trainer.save_checkpoint(path)
+        finally:
+            loop._batches_that_stepped += after_validation
         if trainer.is_global_zero:
             name = signal.Signals(_stopped_by).name
             log.warning(
