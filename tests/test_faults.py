@@ -121,9 +121,10 @@ def test_sigkill_at_random_points_and_during_a_save_then_the_same_command(tmp_pa
 @pytest.mark.parametrize(
     ("sig", "status"),
     [
-        (signal.SIGTERM, 143),
-        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),  # CI runs these two after
-        pytest.param(signal.SIGUSR1, 138, marks=pytest.mark.slow),  # the fast suite
+        # CI runs these after the fast suite (-m slow)
+        pytest.param(signal.SIGTERM, 143, marks=pytest.mark.slow),
+        pytest.param(signal.SIGINT, 130, marks=pytest.mark.slow),
+        pytest.param(signal.SIGUSR1, 138, marks=pytest.mark.slow),
     ],
 )
 def test_a_stop_signal_saves_exits_non_zero_and_the_same_command_continues(
@@ -150,6 +151,7 @@ def test_a_stop_signal_saves_exits_non_zero_and_the_same_command_continues(
     assert_same_end(uninterrupted, run_dir, since=0)
 
 
+@pytest.mark.slow  # CI runs it after the fast suite
 def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_previous(tmp_path):
     run_dir = tmp_path / "run"
     run_cli("train.py", *command(tmp_path, run_dir, max_steps=10), cwd=tmp_path, env=ENV)

@@ -108,6 +108,7 @@ def resume(root: Path, args: list[str], ckpt: Path, env: dict | None = None) -> 
     return new
 
 
+@pytest.mark.slow  # each test here trains 3 to 5 runs: CI runs them after the fast suite
 def test_gpt_resumes_bitwise_mid_epoch_at_the_epoch_boundary_and_around_validation(tmp_path):
     args = gpt(tmp_path)
     run_cli("train.py", *args, cwd=tmp_path, env=ONE_THREAD)
