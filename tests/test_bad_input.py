@@ -47,6 +47,24 @@ def test_corpus_shorter_than_one_block(earlier_run):
     assert "fewer than one block" in err and "block_size" in err
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8, "holds a NUL byte at offset 7"),
+        (
+            ("caf\u00e9 au lait, " * 200).encode("latin-1"),
+            "is not UTF-8 text (byte b'\\xe9' at offset 3)",
+        ),
+    ],
+    ids=["binary", "latin1"],
+)
+def test_a_corpus_that_is_not_utf8_text_is_refused_naming_the_byte(earlier_run, content, said):
+    root = earlier_run[0]
+    (root / "corpus.bin").write_bytes(content)
+    err = fails(root, *TINY_LM, f"data.path={root / 'corpus.bin'}")
+    assert f"{root / 'corpus.bin'} {said}" in err, err[-1000:]
+
+
 @pytest.mark.parametrize("size", ["0", "-4"])
 def test_non_positive_batch_size(earlier_run, size):
     err = fails(earlier_run[0], *TINY_LM, f"data.batch_size={size}")

@@ -68,6 +68,7 @@ def test_stop_names_the_step_and_the_last_good_checkpoint(tmp_path):
     assert not (run / "metrics.json").exists()  # the run did not go on to test
 
 
+@pytest.mark.slow  # CI runs it after the fast suite
 def test_skip_drops_the_bad_updates_and_the_run_finishes(tmp_path):
     run_cli(
         "train.py",
@@ -246,6 +247,7 @@ def ddp_main(root: str) -> None:
     ).fit(RankLine(rows))
 
 
+@pytest.mark.slow  # CI runs it after the fast suite
 def test_ranks_skip_and_stop_together(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_loss_guard", str(tmp_path)],

@@ -283,6 +283,7 @@ def test_on_resume_is_the_resuming_runs_choice():
     assert new.total_steps == 20
 
 
+@pytest.mark.slow  # CI runs it after the fast suite
 def test_train_py_extends_a_finished_run(tmp_path):
     """Resuming with a larger trainer.max_steps re-plans the cosine (or keeps the floor)."""
     base = [

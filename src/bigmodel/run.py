@@ -416,6 +416,9 @@ def train(cfg: DictConfig) -> float | None:
         except SIGTERMException:
             if _is_multirun():  # the sweeper records the trial as cut off
                 raise
+            with contextlib.suppress(ValueError):  # saved already: ignore more, on our way out
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+                    signal.signal(sig, signal.SIG_IGN)
             # Lightning's SIGTERMException is a SystemExit without a code, so the stopped run
             # would exit 0 and look finished to schedulers and retry logic: 128 + the signal
             signum = stopped_by() or signal.SIGTERM

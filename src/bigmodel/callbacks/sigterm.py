@@ -121,8 +121,8 @@ class SigtermCheckpoint(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
         global _stopped_by
-        self._restore()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != "fit":
+            self._restore()
             return
         _stopped_by = self._signal or signal.SIGTERM
         path = self.ckpt_path(trainer)
@@ -133,9 +133,12 @@ class SigtermCheckpoint(L.Callback):
         after_validation = _validated_at_this_batch(trainer)
         loop._batches_that_stepped -= after_validation
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(
+                path
+            )  # our handlers stay: a second signal only re-raises a flag
         finally:
             loop._batches_that_stepped += after_validation
+            self._restore()
         if trainer.is_global_zero:
             name = signal.Signals(_stopped_by).name
             log.warning(

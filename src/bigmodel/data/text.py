@@ -52,13 +52,32 @@ def resolve_files(path: str) -> list[Path]:
     return files
 
 
+def read_text(f: Path) -> str:
+    """A UTF-8 text file; a binary file or another encoding is refused, naming the byte."""
+    raw = f.read_bytes()
+    nul = raw.find(b"\x00")
+    if nul >= 0:
+        raise UserError(
+            f"data.path: {f} holds a NUL byte at offset {nul}, so it is a binary file, not text; "
+            "point data.path at a text corpus"
+        )
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"data.path: {f} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset "
+            f"{e.start}); convert it, for example: iconv -f latin1 -t utf-8 {f.name} > "
+            f"{f.stem}.utf8{f.suffix}"
+        ) from None
+
+
 def read_files(files: list[Path], text_column: str) -> str:
     """Concatenate documents; HF data files (parquet/json/csv) contribute their `text_column`."""
     parts: list[str] = []
     for f in files:
         fmt = HF_SUFFIXES.get(f.suffix)
         if fmt is None:
-            parts.append(f.read_text(encoding="utf-8", errors="replace"))
+            parts.append(read_text(f))
             continue
         try:
             import datasets
