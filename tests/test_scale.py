@@ -89,6 +89,7 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path):
     assert "[rank: 1]" not in log and "train_ddp_process_1" not in log
 
 
+@pytest.mark.slow  # several training processes: CI runs it after the fast suite
 def test_ddp_multirun_gives_one_run_directory_per_job(tmp_path):
     run_cli(
         "train.py",
@@ -112,6 +113,7 @@ def test_ddp_multirun_gives_one_run_directory_per_job(tmp_path):
 
 
 # ------------------------------------------------------------------------------- FSDP2 on CPU
+@pytest.mark.slow  # several training processes: CI runs it after the fast suite
 def test_fsdp2_two_processes_train_checkpoint_and_load_in_one(tmp_path):
     run_cli("train.py", *TINY_DDP, "trainer=ddp_cpu", "strategy=fsdp2", cwd=tmp_path)
     (run,) = run_dirs(tmp_path)

@@ -209,6 +209,7 @@ def test_parallel_joblib_trials_share_one_study(tmp_path):
     assert cfg.hydra.launcher._target_.endswith("JoblibLauncher")
 
 
+@pytest.mark.slow  # several training processes: CI runs it after the fast suite
 def test_a_nan_trial_is_recorded_failed_and_the_sweep_goes_on(tmp_path):
     name = "nan"
     proc = run_cli(
@@ -260,6 +261,7 @@ def _running_trial_with_steps(root: Path, name: str, number: int, min_steps: int
     return metrics.read_text().count("\n") > min_steps  # a header, then one row per step
 
 
+@pytest.mark.slow  # several training processes: CI runs it after the fast suite
 def test_sweep_killed_mid_trial_resumes_without_counting_twice(tmp_path):
     """SIGKILL (no chance to clean up) while trial 1 trains; the re-run finishes the study."""
     name = "killed"
