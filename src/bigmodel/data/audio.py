@@ -40,7 +40,7 @@ from bigmodel.data.image import (
     handle_bad_file,
     split_indices,
 )
-from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
+from bigmodel.data.resumable import ResumableLoader, eval_loader, loader_kwargs, train_loader
 from bigmodel.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -543,12 +543,7 @@ class AudioDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader | ResumableLoader:
         if len(self.datasets[split]) == 0:
             raise UserError(f"the {split} split is empty; raise data.{split}_fraction or add clips")
-        kwargs = {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.num_workers > 0,
-        }
+        kwargs = loader_kwargs(self.batch_size, self.num_workers, self.pin_memory)
         if shuffle:  # training: a seeded order per epoch that resumes mid-epoch
             return train_loader(self, self.datasets[split], shuffle=True, seed=self.seed, **kwargs)
         return eval_loader(self.datasets[split], **kwargs)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
+from bigmodel.data.resumable import ResumableLoader, eval_loader, loader_kwargs, train_loader
 from bigmodel.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -496,12 +496,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"the {split} split is empty; raise data.{split}_fraction or add images"
             )
         ds = TensorDataset(*self.data[split])
-        kwargs = {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.num_workers > 0,
-        }
+        kwargs = loader_kwargs(self.batch_size, self.num_workers, self.pin_memory)
         if shuffle:  # training: a seeded order per epoch that resumes mid-epoch
             return train_loader(self, ds, shuffle=True, seed=self.seed, **kwargs)
         return eval_loader(ds, **kwargs)

@@ -107,6 +107,16 @@ class ResumableLoader(DataLoader):
         sampler.epoch, sampler.start = state["epoch"], state["consumed"]
 
 
+def loader_kwargs(batch_size: int | None, num_workers: int, pin_memory: bool) -> dict[str, Any]:
+    """The DataLoader settings every data module passes through from its config."""
+    return {
+        "batch_size": batch_size,
+        "num_workers": num_workers,
+        "pin_memory": pin_memory,
+        "persistent_workers": num_workers > 0,
+    }
+
+
 def eval_loader(dataset: Dataset, **kwargs: Any) -> DataLoader:
     """A validation / test loader in the dataset's order, with a generator of its own.
 

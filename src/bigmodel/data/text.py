@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
+from bigmodel.data.resumable import ResumableLoader, eval_loader, loader_kwargs, train_loader
 from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from bigmodel.errors import UserError
 
@@ -305,12 +305,7 @@ class TextDataModule(L.LightningDataModule):
         return eval_loader(ds, **self._loader_kwargs())
 
     def _loader_kwargs(self) -> dict:
-        return {
-            "batch_size": self.batch_size,
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.num_workers > 0,
-        }
+        return loader_kwargs(self.batch_size, self.num_workers, self.pin_memory)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:

@@ -26,7 +26,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
+from bigmodel.data.resumable import ResumableLoader, eval_loader, loader_kwargs, train_loader
 from bigmodel.data.tokenizers import TokenizerPair, tokenizer_from_dict
 from bigmodel.errors import UserError
 
@@ -718,12 +718,8 @@ class TranslationDataModule(L.LightningDataModule):
         return eval_loader(ds, **self._loader_kwargs())
 
     def _loader_kwargs(self) -> dict:
-        return {
-            "batch_size": None,  # the items are whole batches (PairBatches)
-            "num_workers": self.num_workers,
-            "pin_memory": self.pin_memory,
-            "persistent_workers": self.num_workers > 0,
-        }
+        # batch_size None: the items are whole batches (PairBatches)
+        return loader_kwargs(None, self.num_workers, self.pin_memory)
 
     # ---------------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
