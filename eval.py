@@ -1,16 +1,18 @@
 """Test a checkpoint: `python eval.py ckpt_path=PATH [data.split=val]`."""
 
-import hydra
 from omegaconf import DictConfig
 
+from bigmodel.cli import entry
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="eval")
+
+@entry("eval")
 def main(cfg: DictConfig) -> None:
-    # imported here, so that `--help` and `--cfg job` answer without loading torch and Lightning
-    from bigmodel.run import evaluate
     from bigmodel.utils import apply_extras
 
-    apply_extras(cfg)
+    apply_extras(cfg)  # the run directory and options first, before torch and Lightning load
+    # imported here, so that `--help` and `--cfg job` answer without loading them
+    from bigmodel.run import evaluate
+
     evaluate(cfg)
 
 

@@ -1,10 +1,11 @@
 """Sample from a checkpoint: `python generate.py ckpt_path=PATH prompt="The" max_new_tokens=200`."""
 
-import hydra
 from omegaconf import DictConfig
 
+from bigmodel.cli import entry
 
-@hydra.main(version_base="1.3", config_path="configs", config_name="generate")
+
+@entry("generate", raw=("prompt", "text"))
 def main(cfg: DictConfig) -> None:
     # imported here, so that `--help` answers without loading torch and Lightning
     from bigmodel.run import generate

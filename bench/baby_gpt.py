@@ -127,7 +127,7 @@ def main() -> None:
         "experiment=baby_gpt",
         f"data.path={data}",
         f"paths.cache_dir={work / 'cache'}",
-        "extras.print_config=false",
+        "extras.print_config=none",
         "callbacks.rich_progress_bar=null",
         "callbacks.text_sample=null",
     ]

@@ -80,6 +80,7 @@ def run_cli(
     timeout: float = 300,
     env: dict | None = None,
     check: bool = True,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repository, with logs and caches under cwd."""
     full_env = {**os.environ, "BIGMODEL_ROOT": str(cwd), **(env or {})}
@@ -90,6 +91,7 @@ def run_cli(
         capture_output=True,
         text=True,
         timeout=timeout,
+        input=stdin,
     )
     if check and proc.returncode != 0:
         raise AssertionError(

@@ -1,140 +1,218 @@
-"""Bad input ends a run with one clear line, exit status 2, and no harm to earlier runs."""
+"""Bad input ends a command with one line on stderr, exit status 2, and no harm to earlier runs.
+
+The matrix below is the contract: every case is a command a user may type, with the words its
+one line must hold. The README's "Bad input" table is generated from it (`python -m
+tests.test_bad_input` prints the table) and a test checks that the two agree.
+"""
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import CONFIGS, TINY_LM, run_cli, run_dirs
+from tests.conftest import ROOT, TINY_LM, run_cli, run_dirs
+
+
+@dataclass(frozen=True)
+class Case:
+    kind: str  # key, option, type, value, file, checkpoint, data
+    script: str  # train.py, eval.py, generate.py
+    args: tuple[str, ...]  # {ckpt}: the earlier run's last.ckpt, {run}: its folder, {files}
+    says: str  # part of the one `error:` line (same placeholders)
+    quick: bool  # in the fast suite; the others run in CI's slow tier (each loads torch)
+
+    @property
+    def id(self) -> str:
+        return f"{self.script.removesuffix('.py')}:{' '.join(self.args)}"
+
+
+def case(kind: str, script: str, args: str, says: str, quick: bool = False) -> Case:
+    return Case(kind, script, tuple(args.split("  ")), says, quick)  # two spaces between args
+
+
+CK = "ckpt_path={ckpt}"
+SWEEP = "-m  hparams_search=gpt_optuna  hydra.sweeper.n_trials=0  hydra.sweeper.study_name=s"
+# a sweep's trials sample no text (hparams_search configs switch the text sample off)
+SWEEP_LM = [a for a in TINY_LM if not a.startswith("callbacks.text_sample.")]
+# fmt: off
+CASES = [
+    # a key that does not exist: the nearest one that does
+    case("key", "train.py", "trainer.max_step=10", "trainer has no key max_step; did you mean trainer.max_steps?", quick=True),
+    case("key", "train.py", "+trainer.max_step=10", "Trainer takes no argument max_step; did you mean trainer.max_steps?", quick=True),
+    case("key", "train.py", "model.net.n_layr=2", "model.net has no key n_layr; did you mean model.net.n_layer?", quick=True),
+    case("key", "train.py", "+model.net.n_layr=2", "GPT takes no argument n_layr; did you mean model.net.n_layer?", quick=True),
+    case("key", "train.py", "modle=gpt", "the config has no key modle; did you mean model?", quick=True),
+    case("key", "train.py", "data.bath_size=4", "data has no key bath_size; did you mean data.batch_size?", quick=True),
+    case("key", "train.py", "optimizer.lrr=0.1", "optimizer has no key lrr; did you mean optimizer.lr?", quick=True),
+    case("key", "train.py", "hydra.run.dirr=out", "hydra.run has no key dirr; did you mean hydra.run.dir?", quick=True),
+    case("key", "train.py", "trainer.detect_anomaly=true", "Trainer takes it: add it with +trainer.detect_anomaly=true", quick=True),
+    case("key", "train.py", "+callbacks.model_checkpoint.montor=x", "ModelCheckpoint takes no argument montor; did you mean callbacks.model_checkpoint.monitor?", quick=True),
+    case("key", "train.py", "extras.colour=1", "extras has no key colour (extras has: ignore_warnings, print_config; +extras.colour=1 adds a new key)", quick=True),
+    case("key", "eval.py", f"{CK}  data.bach_size=4", "data has no key bach_size; did you mean data.batch_size?", quick=True),
+    case("key", "generate.py", f"{CK}  max_new_token=5", "the config has no key max_new_token; did you mean max_new_tokens?", quick=True),
+    case("key", "train.py", f"{SWEEP}  trainer.max_step=5", "trainer has no key max_step; did you mean trainer.max_steps?", quick=True),
+    # an option a config group does not have: the ones it has
+    case("option", "train.py", "model=nope", "model=nope is not an option; choose one of: audio_cnn, cnn, gpt, gpt2_124m", quick=True),
+    case("option", "train.py", "optimizer=adamm", "optimizer=adamm is not an option; choose one of: adagrad, adam, adamw", quick=True),
+    case("option", "train.py", "experiment=baby", "experiment=baby is not an option; choose one of: baby_gpt, digits_cnn", quick=True),
+    case("option", "train.py", "-m  hparams_search=gpt", "hparams_search=gpt is not an option; choose one of: digits_optuna, gpt_optuna", quick=True),
+    case("option", "eval.py", f"{CK}  trainer=tpu", "trainer=tpu is not an option; choose one of: cpu, ddp", quick=True),
+    # a value of the wrong type
+    case("type", "train.py", "data.batch_size=twelve", "data.batch_size='twelve' must be int; fix the value of data.batch_size", quick=True),
+    case("type", "train.py", "optimizer.lr=abc", "optimizer.lr='abc' must be int or float; fix the value of optimizer.lr"),
+    case("type", "train.py", "model.net.dropout=high", "model.net.dropout='high' must be int or float"),
+    case("type", "train.py", "trainer.max_steps=ten", "trainer.max_steps='ten' must be int"),
+    case("type", "generate.py", f"{CK}  max_new_tokens=1.5", "max_new_tokens=1.5 must be int; fix the value of max_new_tokens"),
+    case("type", "generate.py", f"{CK}  temperature=abc", "temperature='abc' must be int or float; fix the value of temperature"),
+    # a value out of range, or one the override grammar cannot read
+    case("value", "train.py", "data.batch_size=0", "data.batch_size must be a positive integer, got 0", quick=True),
+    case("value", "train.py", "data.batch_size=-4", "data.batch_size must be a positive integer, got -4"),
+    case("value", "train.py", "model.net.n_head=3", "n_embd (32) must be divisible by n_head (3)"),
+    case("value", "train.py", "data.block_size=64", "data.block_size=64 is longer than the model's context model.net.block_size=32"),
+    case("value", "train.py", "data.splits=[0.9,0.1]", "data.splits=[0.9, 0.1] must be 3 fractions >= 0 summing to 1"),
+    case("value", "train.py", "data.tokenizer=wordpiece", "data.tokenizer=wordpiece is not one of: char, bpe"),
+    case("value", "train.py", "global_batch_size=7", "global_batch_size=7 is not a positive multiple of data.batch_size"),
+    case("value", "train.py", "precision=17", "precision=17 is not one of transformer-engine, transformer-engine-float16, 16-true, 16-mixed"),
+    case("value", "train.py", "trainer.devices=0", "trainer: `Trainer(devices=0)` value is not a valid input"),
+    case("value", "train.py", "resume=sometimes", "resume=sometimes is not one of auto, never"),
+    case("value", "train.py", "extras.print_config=loud", "extras.print_config=loud is not one of short, full, none"),
+    case("value", "train.py", "trainer.max_steps=(", "cannot read the override trainer.max_steps=(: quote a value", quick=True),
+    case("value", "train.py", "model.net.n_layer=1,2", "model.net.n_layer=1,2: a comma makes a list or a sweep", quick=True),
+    case("value", "generate.py", f"{CK}  top_k=-5", "top_k=-5 must be >= 1; top_k=null samples from all tokens"),
+    case("value", "generate.py", f"{CK}  max_new_tokens=-1", "max_new_tokens=-1 must be >= 0"),
+    case("value", "eval.py", f"{CK}  data.split=validation", "data.split=validation is not one of train, val, test"),
+    case("value", "train.py", f"{SWEEP}  hydra.sweeper.direction=up", "hydra.sweeper.direction=up is not valid; use minimize or maximize"),
+    case("value", "train.py", f"{SWEEP}  data.batch_size=4", "study s in sqlite:///{files}/logs/train/multiruns/s/optuna.db was started with"),
+    # a file that is missing or is not what the key needs
+    case("file", "train.py", "data.path=/does/not/exist", "data.path=/does/not/exist does not exist", quick=True),
+    case("file", "train.py", "data.path={files}/empty.txt", "data.path={files}/empty.txt holds no text"),
+    case("file", "train.py", "data.path={files}/short.txt", "fewer than one block"),
+    case("file", "train.py", "data.path={files}/corpus.bin", "data.path: {files}/corpus.bin holds a NUL byte at offset 7, so it is a binary file, not text"),
+    case("file", "train.py", "data.path={files}/latin1.txt", "data.path: {files}/latin1.txt is not UTF-8 text (byte b'\\xe9' at offset 3)"),
+    case("file", "train.py", "data.path={files}/nodata", "data.path={files}/nodata is a folder with no .txt/.md/.parquet/.json files"),
+    case("file", "eval.py", f"{CK}  data.path=/moved/away.txt", "data.path=/moved/away.txt does not exist"),
+    case("file", "generate.py", f"{CK}  prompt_file={{files}}/none.txt", "prompt_file={files}/none.txt does not exist"),
+    case("file", "generate.py", f"{CK}  prompt_file={{files}}/corpus.bin", "prompt_file: {files}/corpus.bin holds a NUL byte"),
+    # a checkpoint that is missing, not a checkpoint, or of another model
+    case("checkpoint", "train.py", "ckpt_path=/nope.ckpt", "ckpt_path=/nope.ckpt does not exist"),
+    case("checkpoint", "eval.py", "ckpt_path=/nope.ckpt", "ckpt_path=/nope.ckpt does not exist"),
+    case("checkpoint", "generate.py", "ckpt_path=/nope.ckpt", "ckpt_path=/nope.ckpt does not exist"),
+    case("checkpoint", "eval.py", "ckpt_path={run}", "ckpt_path={run} is a folder, not a checkpoint file"),
+    case("checkpoint", "eval.py", "ckpt_path={files}/text.ckpt", "ckpt_path={files}/text.ckpt is not a checkpoint", quick=True),
+    case("checkpoint", "generate.py", "ckpt_path={files}/cut.ckpt", "ckpt_path={files}/cut.ckpt is truncated or corrupt"),
+    case("checkpoint", "train.py", "ckpt_path={files}/plain.ckpt", "ckpt_path={files}/plain.ckpt holds no model state_dict"),
+    case("checkpoint", "generate.py", "ckpt_path={files}/weights.ckpt", "{files}/weights.ckpt carries no bigmodel run config"),
+    case("checkpoint", "eval.py", "ckpt_path=last  paths.log_dir={files}/nologs", "ckpt_path=last found no checkpoint"),
+    case("checkpoint", "train.py", f"{CK}  model.net.n_embd=64", "does not fit this model (shape of net.wte.weight)"),
+    # data that does not fit the checkpoint or the model
+    case("data", "train.py", f"{CK}  data=regression  model=mlp  loss=mse", "was trained on bigmodel.data.TextDataModule data, but this run loads"),
+    case("data", "train.py", f"{CK}  data.splits=[0.8,0.1,0.1]", "the checkpoint's training set had 13079 items an epoch and this one has 11626"),
+    case("data", "generate.py", f"{CK}  prompt=日本語", "character '日' is not in the character vocabulary of this model", quick=True),
+    case("data", "train.py", "data.block_size=100000  model.net.block_size=100000", "fewer than one block (100001)"),
+]
+# fmt: on
+
+
+def test_the_matrix_is_large_and_covers_every_kind_and_script():
+    assert len(CASES) >= 40
+    assert {c.kind for c in CASES} == {
+        "key",
+        "option",
+        "type",
+        "value",
+        "file",
+        "checkpoint",
+        "data",
+    }
+    assert {c.script for c in CASES} == {"train.py", "eval.py", "generate.py"}
+    assert sum("-m" in c.args for c in CASES) >= 3
+    assert len({c.id for c in CASES}) == len(CASES)
 
 
 @pytest.fixture(scope="module")
-def earlier_run(tmp_path_factory):
-    """A finished run whose files must survive every failing command below untouched."""
+def earlier(tmp_path_factory):
+    """A finished run and a started study, whose files no failing command below may touch, and
+    the bad files the cases point at."""
     root = tmp_path_factory.mktemp("bad")
     run_cli("train.py", *TINY_LM, "test=false", cwd=root)
     (run,) = run_dirs(root)
-    snapshot = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
-    yield root, run
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == snapshot
+    # a study with no trials yet (it exits 2: nothing to report), started with data.batch_size=8
+    run_cli("train.py", *SWEEP.split("  "), *SWEEP_LM, "data.batch_size=8", cwd=root, check=False)
+    assert (root / "logs" / "train" / "multiruns" / "s" / "optuna.db").is_file()
+    files = root
+    (files / "empty.txt").write_text("")
+    (files / "short.txt").write_text("Only a few words.")
+    (files / "corpus.bin").write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8)
+    (files / "latin1.txt").write_bytes(("caf\u00e9 au lait, " * 200).encode("latin-1"))
+    (files / "nodata").mkdir()
+    (files / "nodata" / "image.png").write_bytes(b"\x89PNG")
+    (files / "text.ckpt").write_text("this is not a checkpoint\n" * 100)
+    last = run / "checkpoints" / "last.ckpt"
+    (files / "cut.ckpt").write_bytes(last.read_bytes()[:4096])
+    import torch
+
+    torch.save({"epoch": 3}, files / "plain.ckpt")
+    torch.save({"state_dict": {"w": torch.zeros(2)}}, files / "weights.ckpt")
+    return {"root": root, "run": run, "ckpt": last, "files": files}
 
 
-def fails(root, *args, script="train.py", status: int | None = 2):
-    """Run a command that must fail: exit `status` (None: any non-zero), no traceback."""
-    proc = run_cli(script, *args, cwd=root, check=False)
-    assert proc.returncode != 0 if status is None else proc.returncode == status, proc.returncode
-    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    return proc.stderr
-
-
-def test_unknown_option_lists_the_valid_ones(earlier_run):
-    err = fails(earlier_run[0], "model=nope", status=None)  # Hydra's own error: exit 1
-    assert "Could not find 'model/nope'" in err and "gpt2_124m" in err
-
-
-def test_missing_data_path(earlier_run):
-    root, run = earlier_run
-    before = set(run_dirs(root))
-    err = fails(root, *TINY_LM, "data.path=/does/not/exist")
-    assert "error: data.path=/does/not/exist does not exist" in err
-    (failed,) = set(run_dirs(root)) - before  # the run folder says it failed, and why
-    assert "data.path=/does/not/exist does not exist" in (failed / "error.txt").read_text()
-
-
-def test_corpus_shorter_than_one_block(earlier_run):
-    root = earlier_run[0]
-    (root / "short.txt").write_text("Only a few words.")
-    err = fails(root, *TINY_LM, f"data.path={root / 'short.txt'}")
-    assert "fewer than one block" in err and "block_size" in err
+def snapshot(root: Path) -> dict[Path, int]:
+    """Every file of the earlier runs and studies, with its modification time."""
+    logs = root / "logs"
+    return {p: p.stat().st_mtime_ns for p in logs.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize(
-    ("content", "said"),
-    [
-        (b"\x7fELF\x02\x01\x01\x00" + bytes(range(256)) * 8, "holds a NUL byte at offset 7"),
-        (
-            ("caf\u00e9 au lait, " * 200).encode("latin-1"),
-            "is not UTF-8 text (byte b'\\xe9' at offset 3)",
-        ),
-    ],
-    ids=["binary", "latin1"],
+    "c", [pytest.param(c, id=c.id, marks=[] if c.quick else [pytest.mark.slow]) for c in CASES]
 )
-def test_a_corpus_that_is_not_utf8_text_is_refused_naming_the_byte(earlier_run, content, said):
-    root = earlier_run[0]
-    (root / "corpus.bin").write_bytes(content)
-    err = fails(root, *TINY_LM, f"data.path={root / 'corpus.bin'}")
-    assert f"{root / 'corpus.bin'} {said}" in err, err[-1000:]
+def test_bad_input(earlier, c: Case):
+    fill = {k: str(v) for k, v in earlier.items()}
+    args = [a.format(**fill) for a in c.args]
+    if c.script == "train.py" and not any(a.startswith(("model=", "data=")) for a in args):
+        # shortened like every CLI test; a case's own value wins (later overrides win in Hydra)
+        flags = [a for a in args if a.startswith("-")]  # -m goes before the overrides
+        shorter = SWEEP_LM if flags else TINY_LM
+        args = [*flags, *shorter, *(a for a in args if a not in flags)]
+    before = snapshot(earlier["root"])
+    proc = run_cli(c.script, *args, cwd=earlier["root"], check=False)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert c.says.format(**fill) in lines[0], lines[0]
+    assert "Traceback" not in proc.stdout and "weights_only" not in lines[0]
+    after = snapshot(earlier["root"])
+    assert {p: t for p, t in after.items() if p in before} == before  # nothing earlier touched
+    for new in {p.parent for p in set(after) - set(before) if p.parent.parent.name == "runs"}:
+        assert (new / "error.txt").read_text().strip() in lines[0]  # a failed run says so
 
 
-@pytest.mark.parametrize("size", ["0", "-4"])
-def test_non_positive_batch_size(earlier_run, size):
-    err = fails(earlier_run[0], *TINY_LM, f"data.batch_size={size}")
-    assert f"data.batch_size must be a positive integer, got {size}" in err
+# --------------------------------------------------------------------------------- README
+README_START = "<!-- bad-input matrix: generated by python -m tests.test_bad_input -->"
+README_END = "<!-- end of the bad-input matrix -->"
 
 
-def test_wrong_type(earlier_run):
-    err = fails(earlier_run[0], *TINY_LM, "data.batch_size=twelve")
-    assert "batch_size" in err
+def readme_table() -> str:
+    def show(text: str) -> str:
+        text = text.replace("{ckpt}", "RUN/checkpoints/last.ckpt").replace("{run}", "RUN")
+        text = text.replace("{files}/", "").replace("|", "\\|")
+        return text
+
+    rows = ["| kind | command | the line on stderr holds |", "|---|---|---|"]
+    for c in CASES:
+        command = f"`python {c.script} {show(' '.join(c.args))}`"
+        rows.append(f"| {c.kind} | {command} | {show(c.says)} |")
+    return "\n".join(rows)
 
 
-def test_missing_and_corrupt_checkpoints(earlier_run):
-    root, _ = earlier_run
-    for script in ("train.py", "eval.py", "generate.py"):
-        err = fails(
-            root, *(TINY_LM if script == "train.py" else []), "ckpt_path=/nope.ckpt", script=script
-        )
-        assert "ckpt_path=/nope.ckpt does not exist" in err
-    (root / "corrupt.ckpt").write_bytes(b"this is not a checkpoint" * 100)
-    for script in ("eval.py", "generate.py"):
-        err = fails(root, f"ckpt_path={root / 'corrupt.ckpt'}", script=script)
-        assert "corrupt.ckpt is not a checkpoint" in err
-        # torch's advice to load with weights_only=False would run an untrusted file's code
-        assert "weights_only" not in err
+def test_the_readme_lists_every_case():
+    text = (ROOT / "README.md").read_text()
+    block = re.search(re.escape(README_START) + r"\n(.*?)\n" + re.escape(README_END), text, re.S)
+    assert block, f"README.md has no {README_START} block"
+    assert block.group(1).strip() == readme_table(), "run: python -m tests.test_bad_input"
 
 
-def test_a_folder_or_a_truncated_file_as_checkpoint(earlier_run):
-    root, run = earlier_run
-    err = fails(root, f"ckpt_path={run}", script="eval.py")
-    assert f"ckpt_path={run} is a folder, not a checkpoint file" in err
-    cut = root / "cut.ckpt"
-    cut.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes()[:4096])
-    err = fails(root, f"ckpt_path={cut}", script="generate.py")
-    assert "cut.ckpt is truncated or corrupt" in err and "weights_only" not in err
-
-
-def test_wrong_type_of_an_optimizer_value(earlier_run):
-    """The optimizer is a partial target whose lr is `float | Tensor`: still checked."""
-    err = fails(earlier_run[0], *TINY_LM, "optimizer.lr=abc")
-    assert "error: optimizer.lr='abc' must be int or float" in err
-
-
-@pytest.mark.parametrize("arg", ["max_new_tokens=1.5", "temperature=abc"])
-def test_wrong_type_of_a_generate_value(earlier_run, arg):
-    root, run = earlier_run
-    ckpt = run / "checkpoints" / "last.ckpt"
-    err = fails(root, f"ckpt_path={ckpt}", arg, script="generate.py")
-    key = arg.split("=")[0]
-    assert f"error: {key}=" in err and f"fix the value of {key}" in err
-
-
-def test_checkpoint_of_another_model(earlier_run):
-    root, run = earlier_run
-    ckpt = run / "checkpoints" / "last.ckpt"
-    args = [a for a in TINY_LM if not a.startswith("model.net.n_embd")]
-    err = fails(root, *args, "model.net.n_embd=64", f"ckpt_path={ckpt}")
-    assert "does not fit this model" in err
-    if (CONFIGS / "model" / "mlp.yaml").exists() and (
-        CONFIGS / "data" / "regression.yaml"
-    ).exists():
-        err = fails(
-            root,
-            "model=mlp",
-            "data=regression",
-            "loss=mse",
-            f"ckpt_path={ckpt}",
-        )
-        assert "resume with the same model" in err or "choose the model" in err
-
-
-def test_wrong_type_in_a_net_config(earlier_run):
-    err = fails(earlier_run[0], *TINY_LM, "model.net.dropout=high")
-    assert "model.net.dropout='high' must be int or float" in err
+if __name__ == "__main__":
+    print(readme_table())

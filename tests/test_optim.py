@@ -6,6 +6,7 @@ import io
 import logging
 import math
 import pkgutil
+import warnings
 
 import pytest
 import torch
@@ -163,12 +164,20 @@ def test_warmup_cosine_shape_and_resume():
     assert s2.last_epoch == s.last_epoch and s2.factor(50) == s.factor(50)
 
 
-def test_schedule_needs_steps():
+def test_schedule_needs_steps(caplog):
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     with pytest.raises(UserError, match="warmup_steps"):
         WarmupCosineLR(opt, total_steps=10, warmup_steps=-1)
-    with pytest.warns(UserWarning, match="warming up for 1"):
+    # a warmup longer than the run: one warning line of bigmodel's, not a Python warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert WarmupCosineLR(opt, total_steps=10, warmup_steps=10).warmup_steps == 1
+    (record,) = [r for r in caplog.records if "warming up" in r.getMessage()]
+    assert record.name == "bigmodel" and record.levelno == logging.WARNING
+    assert record.getMessage() == (
+        "scheduler warmup_steps=10 >= total_steps=10: warming up for 1 steps (a tenth of the "
+        "run) instead"
+    )
     with pytest.raises(UserError, match="trainer.max_steps"):
         WarmupCosineLR(opt, total_steps=None)
 
@@ -261,8 +270,9 @@ def test_resume_with_a_shorter_total(caplog):
     )
     caplog.clear()
     # a total inside the saved warmup: warm up until it, then the floor
-    with pytest.warns(UserWarning, match="warming up for 0"):  # the new scheduler's own warmup
-        lrs = resumed_lrs(100, 8, at=5, stop=12)
+    lrs = resumed_lrs(100, 8, at=5, stop=12)
+    # the new scheduler's own warmup is cut, with a warning
+    assert any("warming up for 0 steps" in r.getMessage() for r in caplog.records)
     assert lrs[:3] == cosine_lrs(100, 5, 8) and lrs[3:] == [pytest.approx(0.1)] * 4
     caplog.clear()
     assert resumed_lrs(100, 80, at=60, stop=90, on_resume="saved") == cosine_lrs(100, 60, 90)

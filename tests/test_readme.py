@@ -324,7 +324,18 @@ def run_cli_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
+# README sections whose blocks run in CI's slow tier (several trainings each; the fast suite
+# keeps to 10 minutes on 2 cores); every other block runs in the fast suite
+SLOW_SECTIONS = ("translation-sequence-to-sequence-bleu", "optuna-searches-that-survive-failure")
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.id.endswith(SLOW_SECTIONS) else [])
+        for b in BLOCKS
+    ],
+)
 def test_readme_block_runs_as_written(block: Block, tmp_path):
     previous = None
     for cmd in block.commands:

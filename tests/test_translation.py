@@ -307,6 +307,7 @@ TINY_MT = [
 ]
 
 
+@pytest.mark.slow  # CI's slow tier
 def test_cli_train_generate_eval(tmp_path):
     run_cli("train.py", *TINY_MT, cwd=tmp_path)
     run = run_dirs(tmp_path)[-1]

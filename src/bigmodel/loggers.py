@@ -6,7 +6,6 @@ import atexit
 import csv
 import logging
 import os
-import re
 import secrets
 import string
 from collections.abc import Sequence
@@ -27,43 +26,6 @@ WANDB_ID_FILE = "wandb_id.txt"
 # ------------------------------------------------------------------------------------ secrets
 # names that end in a credential word: api_key, WANDB_API_KEY, hf_token, MLFLOW_TRACKING_PASSWORD
 # (not max_new_tokens or tokenizer)
-_SECRET_NAME = re.compile(
-    r"(^|[_.-])(api_?key|access_?token|token|secret(_access)?(_?key)?|password|passwd|"
-    r"credentials?|private_?key)$",
-    re.IGNORECASE,
-)
-_URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)(?P<pw>[^@\s/]+)(?=@)", re.I)
-REDACTED = "***"
-
-
-def secret_values() -> list[str]:
-    """Values of environment variables that hold credentials (WANDB_API_KEY, HF_TOKEN, ...)."""
-    return [v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 8]
-
-
-def redact(value: Any, secrets: Sequence[str] | None = None) -> Any:
-    """A copy of plain config data with credentials replaced by `***`.
-
-    Keys that name a credential (api_key, token, password, ...), passwords in URLs, and any
-    credential from the environment found inside a string are masked.
-    """
-    secrets = secret_values() if secrets is None else secrets
-    if isinstance(value, dict):
-        return {
-            k: REDACTED
-            if isinstance(k, str) and _SECRET_NAME.search(k) and v not in (None, "")
-            else redact(v, secrets)
-            for k, v in value.items()
-        }
-    if isinstance(value, (list, tuple)):
-        return type(value)(redact(v, secrets) for v in value)
-    if isinstance(value, str):
-        value = _URL_PASSWORD.sub(lambda m: m.group("head") + REDACTED, value)
-        for s in secrets:
-            value = value.replace(s, REDACTED)
-    return value
-
-
 # --------------------------------------------------------------------------------------- W&B
 def _hydra() -> Any:
     from hydra.core.hydra_config import HydraConfig
@@ -152,7 +114,7 @@ def wandb_logger(
             atexit.register(_print_sync_commands)
         _offline_runs.append(f"{out}/wandb/offline-run-*-{run_id}")
         log.info(f"W&B runs offline (no WANDB_API_KEY, or WANDB_MODE=offline): {out}/wandb")
-    return WandbLogger(
+    logger = WandbLogger(
         save_dir=str(out),
         project=project,
         name=name,
@@ -163,6 +125,11 @@ def wandb_logger(
         resume="allow",
         **kwargs,
     )
+    # Lightning passes `anonymous=None` to wandb.init unless asked for more, and W&B (>= 0.22)
+    # warns about any anonymous setting ("has no effect"): leave it out when nobody set it
+    if logger._wandb_init.get("anonymous", "unset") is None:
+        del logger._wandb_init["anonymous"]
+    return logger
 
 
 # ------------------------------------------------------------------------------------ MLflow

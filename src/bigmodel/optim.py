@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -103,9 +102,10 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         if warmup_steps >= total_steps:
             # Short debug runs: keep the schedule's shape rather than refusing to start.
             short = total_steps // 10
-            warnings.warn(
-                f"warmup_steps={warmup_steps} >= total_steps={total_steps}: warming up for {short}",
-                stacklevel=2,
+            _log_once(
+                f"scheduler warmup_steps={warmup_steps} >= total_steps={total_steps}: warming up "
+                f"for {short} steps (a tenth of the run) instead",
+                logging.WARNING,
             )
             warmup_steps = short
         self.total_steps, self.warmup_steps, self.min_lr_ratio = (
@@ -186,7 +186,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         )
 
 
-def _log_once(message: str) -> None:
-    """Log on the first process only: every DDP / FSDP rank restores its own scheduler."""
+def _log_once(message: str, level: int = logging.INFO) -> None:
+    """Log on the first process only: every DDP / FSDP rank builds its own scheduler."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-        log.info(message)
+        log.log(level, message)

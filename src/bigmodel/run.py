@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import functools
 import glob
 import inspect
@@ -18,6 +19,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,18 +31,23 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from bigmodel.callbacks.resume import ExactResume
 from bigmodel.callbacks.sigterm import stopped_by
 from bigmodel.checkpointing import AtomicCheckpointIO
+from bigmodel.cli import accepted_keys, fail, full_errors, mark_failed
 from bigmodel.distributed import derive_accumulation, patch_ddp_hydra_launcher
 from bigmodel.errors import UserError
-from bigmodel.loggers import redact
+from bigmodel.redact import redact
 
 log = logging.getLogger("bigmodel")
+
+# Resuming another run's checkpoint in this run's own directory is what train.py does by design
+# (one directory per run); Lightning's ModelCheckpoint warns about it on every resume.
+warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -52,19 +59,6 @@ def _root_cause(e: BaseException) -> BaseException:
     while isinstance(e, InstantiationException) and e.__cause__ is not None:
         e = e.__cause__
     return e
-
-
-def _mark_failed(msg: str) -> None:
-    """Leave `error.txt` in the run directory Hydra made, so a failed run is not mistaken for
-    one in progress (generate.py runs in the current folder and makes none)."""
-    if not HydraConfig.initialized():
-        return
-    hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
-    if hc.output_subdir is None or not out.is_dir():
-        return
-    with contextlib.suppress(OSError):
-        (out / "error.txt").write_text(msg + "\n", encoding="utf-8")
 
 
 def reports_user_errors(fn: Callable) -> Callable:
@@ -84,29 +78,31 @@ def reports_user_errors(fn: Callable) -> Callable:
                 (UserError, InstantiationException, OmegaConfBaseException, ValueError, TypeError),
             ):
                 raise
-            if _is_multirun() or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            if _is_multirun() or full_errors():
                 raise
             msg = str(cause).strip()
-            log.error(msg)
-            print(f"error: {msg}", file=sys.stderr, flush=True)
-            _mark_failed(msg)
-            sys.exit(2)
+            mark_failed(msg)
+            fail(msg)
 
     return wrapper
 
 
 # ------------------------------------------------------------------------------- checkpoints
 def resolve_ckpt_path(ckpt_path: str | None, log_dir: str | None = None, task_name: str = "train"):
-    """`last` means the newest `last.ckpt` of any earlier run of this task; else a path."""
+    """`last` means the newest `last.ckpt` of any earlier run (train or debug); else a path."""
     if ckpt_path in (None, ""):
         return None
     if ckpt_path == "last":
-        pattern = os.path.join(
-            log_dir or "logs", task_name, "runs", "*", "checkpoints", "last.ckpt"
-        )
-        found = sorted(glob.glob(pattern), key=os.path.getmtime)
+        tasks = dict.fromkeys([task_name, "train", "debug"])  # debug=... runs: logs/debug/runs
+        patterns = [
+            os.path.join(log_dir or "logs", t, "runs", "*", "checkpoints", "last.ckpt")
+            for t in tasks
+        ]
+        found = sorted((f for p in patterns for f in glob.glob(p)), key=os.path.getmtime)
         if not found:
-            raise UserError(f"ckpt_path=last found no checkpoint matching {pattern}; train first")
+            raise UserError(
+                f"ckpt_path=last found no checkpoint matching {' or '.join(patterns)}; train first"
+            )
         # stderr: generate.py's standard output is the generated text alone
         print(f"ckpt_path=last: {found[-1]}", file=sys.stderr, flush=True)
         return found[-1]
@@ -207,6 +203,53 @@ def check_same_model(
         )
 
 
+# data keys that describe this machine, not the data: a resumed run keeps its own
+_MACHINE_DATA_KEYS = ("num_workers", "pin_memory", "persistent_workers", "cache_dir", "split")
+
+
+def typed_keys() -> set[str]:
+    """The config keys this command's overrides set (`data.path=x` -> `data.path`)."""
+    if not HydraConfig.initialized():
+        return set()
+    typed = OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+    return {str(o).partition("=")[0].lstrip("+~") for o in typed}
+
+
+def resume_data_config(cfg: DictConfig, ckpt: dict, path: str) -> None:
+    """Resume on the checkpoint's data: its data settings replace this command's defaults.
+
+    `python train.py ckpt_path=last` after `python train.py data.path=my.txt` continues on
+    my.txt. A data setting this command gives itself wins, with a warning naming both values.
+    """
+    saved = checkpoint_config(ckpt, path).get("data")
+    if not isinstance(saved, DictConfig) or cfg.get("data") is None:
+        return
+    if saved.get("_target_") != cfg.data.get("_target_"):
+        raise UserError(
+            f"{path} was trained on {saved.get('_target_')} data, but this run loads "
+            f"{cfg.data.get('_target_')}; resume with the data= option the checkpoint was "
+            "trained with"
+        )
+    typed, taken = typed_keys(), []
+    with open_dict(cfg.data):
+        for key, value in saved.items():
+            if key in _MACHINE_DATA_KEYS or key.startswith("_"):
+                continue
+            ours = cfg.data.get(key) if key in cfg.data else None
+            if ours == value:
+                continue
+            if f"data.{key}" in typed:
+                log.warning(
+                    f"data.{key}={ours} differs from the checkpoint's data.{key}={value}; "
+                    "resuming with this command's value"
+                )
+                continue
+            cfg.data[key] = value
+            taken.append(f"data.{key}={value}")
+    if taken:
+        log.info(f"resuming {path} on its own data: {', '.join(taken)}")
+
+
 # ------------------------------------------------------------------------------- composition
 _SIMPLE = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
 
@@ -227,10 +270,15 @@ def check_types(node: Any, key: str) -> None:
     if isinstance(target, str):
         try:
             obj = hydra.utils.get_object(target)
+        except Exception:  # unknown target: instantiate reports it
+            obj = None
+        if obj is not None:
+            check_keys(node, key, obj)
+        try:
             hints = typing.get_type_hints(obj.__init__ if inspect.isclass(obj) else obj)
             if hasattr(obj, "config_class"):  # nets built from a typed dataclass config
                 hints = {**typing.get_type_hints(obj.config_class), **hints}
-        except Exception:  # unknown target: instantiate reports it; odd hints: skip the check
+        except Exception:  # odd hints: skip the check
             hints = {}
     for k in node.keys():  # noqa: SIM118 (includes ??? values)
         if (
@@ -252,6 +300,27 @@ def check_types(node: Any, key: str) -> None:
             if not ok:
                 names = " or ".join(t.__name__ for t in allowed)
                 raise UserError(f"{full}={child!r} must be {names}; fix the value of {full}")
+
+
+def check_keys(node: DictConfig, key: str, obj: Any) -> None:
+    """Refuse a key the target takes no argument for (`+trainer.max_step=10`), suggesting the
+    nearest one it does take, before anything runs."""
+    accepted = accepted_keys(obj)
+    if accepted is None:
+        return
+    for k in node.keys():  # noqa: SIM118
+        k = str(k)
+        if k.startswith("_") or k in accepted:
+            continue
+        full = f"{key}.{k}" if key else k
+        close = difflib.get_close_matches(k, sorted(accepted), n=1, cutoff=0.6)
+        name = getattr(obj, "__qualname__", str(obj))
+        hint = (
+            f"did you mean {key}.{close[0]}?"
+            if close
+            else f"it takes: {', '.join(sorted(accepted))}"
+        )
+        raise UserError(f"{full}: {name} takes no argument {k}; {hint}")
 
 
 def _allowed_types(hint: Any) -> tuple[type, ...] | None:
@@ -310,6 +379,17 @@ def fill_from_data(node: DictConfig, values: dict[str, Any]) -> None:
                 node[key] = value
 
 
+def check_context(cfg: DictConfig) -> None:
+    """Samples no longer than the net's context: data.block_size <= model.net.block_size."""
+    data = cfg.data.get("block_size")
+    net = cfg.model.get("net", {}).get("block_size") if "net" in cfg.model else None
+    if isinstance(data, int) and isinstance(net, int) and data > net:
+        raise UserError(
+            f"data.block_size={data} is longer than the model's context model.net.block_size="
+            f"{net}; set data.block_size <= {net} (by default it follows model.net.block_size)"
+        )
+
+
 def instantiate_all(cfg: DictConfig | None) -> list:
     """Instantiate each entry of a group such as `callbacks` or `logger` (None entries skipped)."""
     if not cfg:
@@ -323,6 +403,7 @@ def instantiate_all(cfg: DictConfig | None) -> list:
 
 def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
     fill_from_data(cfg.model.net, getattr(datamodule, "net_kwargs", {}))
+    check_context(cfg)
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler = None
     if cfg.get("scheduler"):
@@ -343,7 +424,30 @@ def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
     if not _is_deepspeed(strategy) and not any(isinstance(p, CheckpointIO) for p in plugins):
         # checkpoint files written atomically (DeepSpeed writes folders of shards its own way)
         plugins.append(AtomicCheckpointIO())
-    return hydra.utils.instantiate(cfg.trainer, strategy=strategy, plugins=plugins, **kwargs)
+    check_precision(cfg.trainer.get("precision"))
+    try:
+        return hydra.utils.instantiate(cfg.trainer, strategy=strategy, plugins=plugins, **kwargs)
+    except InstantiationException as e:  # devices=0, accelerator=tpu without torch_xla, ...
+        cause = _root_cause(e)
+        if isinstance(cause, (MisconfigurationException, ImportError, ValueError)):
+            raise UserError(f"trainer: {cause}") from None
+        raise
+
+
+def check_precision(precision: Any) -> None:
+    """`precision=17`: one line naming the key and Lightning's names, before any work."""
+    from lightning.fabric.plugins.precision.precision import (
+        _PRECISION_INPUT_STR,
+        _PRECISION_INPUT_STR_ALIAS_CONVERSION,
+    )
+
+    names = typing.get_args(_PRECISION_INPUT_STR)
+    if precision is None or str(precision) in (*names, *_PRECISION_INPUT_STR_ALIAS_CONVERSION):
+        return
+    raise UserError(
+        f"precision={precision} is not one of {', '.join(names)} (or the short forms "
+        f"{', '.join(_PRECISION_INPUT_STR_ALIAS_CONVERSION)})"
+    )
 
 
 def _is_deepspeed(strategy: Any) -> bool:
@@ -432,8 +536,6 @@ def train(cfg: DictConfig) -> float | None:
 def _train(cfg: DictConfig) -> float | None:
     """Train (and by default test) a task; return the value of `optimized_metric`."""
     t0 = time.perf_counter()
-    if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -442,9 +544,16 @@ def _train(cfg: DictConfig) -> float | None:
         ckpt_path = auto_resume(cfg.get("resume"), out)
     ckpt = load_checkpoint(ckpt_path) if ckpt_path else None
 
-    for group in ("data", "model", "optimizer", "scheduler", "trainer"):
-        check_types(cfg.get(group), group)
     absolute_data_paths(cfg.data)
+    if ckpt is not None:
+        resume_data_config(cfg, ckpt, ckpt_path)
+    for group in ("data", "model", "optimizer", "scheduler", "loss", "callbacks", "logger"):
+        check_types(cfg.get(group), group)
+    check_types(cfg.get("trainer"), "trainer")
+    if isinstance(cfg.get("strategy"), DictConfig):
+        check_types(cfg.strategy, "strategy")
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     if ckpt is not None and type(datamodule).__qualname__ in ckpt:
         datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])
@@ -501,8 +610,9 @@ def _train(cfg: DictConfig) -> float | None:
         logged = ", ".join(sorted(metrics))
         if _is_multirun() and cfg.get("train", True):  # a sweep has nothing to rank this trial by
             raise UserError(f"optimized_metric={name} was not logged; logged metrics: {logged}")
-        # a plain run ends well without it (a run shorter than one validation interval, say)
-        log.warning(f"optimized_metric={name} was not logged (logged: {logged})")
+        # a plain run ends well without it (a run shorter than one validation interval, say):
+        # only a sweep ranks runs by it
+        log.debug(f"optimized_metric={name} was not logged (logged: {logged})")
         return None
     return metrics[name]
 
@@ -602,6 +712,24 @@ def check_generate_types(cfg: DictConfig) -> None:
             raise UserError(f"{key}={value!r} must be {names}; fix the value of {key}")
 
 
+def read_prompt(cfg: DictConfig) -> str:
+    """The prompt: `prompt=` as typed, `prompt=-` standard input, or `prompt_file=PATH`."""
+    path, prompt = cfg.get("prompt_file"), cfg.get("prompt")
+    if path:
+        if prompt:
+            raise UserError(f"give prompt= or prompt_file={path}, not both")
+        if not os.path.isfile(path):
+            raise UserError(f"prompt_file={path} does not exist; pass a text file")
+        from bigmodel.data.text import read_text
+
+        return read_text(Path(path), key="prompt_file")
+    if prompt == "-":
+        return sys.stdin.read()
+    if not isinstance(prompt, str):  # prompt=[a,b] or a number Hydra read as one
+        return str(prompt)
+    return prompt
+
+
 @reports_user_errors
 def generate(cfg: DictConfig) -> list[str]:
     """Sample from a trained model: a checkpoint and a prompt in, text out."""
@@ -633,7 +761,7 @@ def generate(cfg: DictConfig) -> list[str]:
             print(t)
         return texts
     texts = task.generate_text(
-        cfg.prompt,
+        read_prompt(cfg),
         tokenizer,
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,

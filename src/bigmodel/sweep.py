@@ -59,6 +59,8 @@ DB_NAME = "optuna.db"
 ERROR = "error"
 # study user attribute: the task overrides the study was started with
 OVERRIDES = "overrides"
+# user attribute of a trial: the training step (optimizer steps) of its last report
+GLOBAL_STEP = "global_step"
 
 
 # ---------------------------------------------------------------------------- search space
@@ -142,17 +144,26 @@ def storage_url(storage: str | None, sweep_dir: str | os.PathLike) -> str:
     return f"sqlite:///{Path(sweep_dir).resolve() / DB_NAME}"
 
 
+@contextlib.contextmanager
+def experimental_ok() -> Iterator[None]:
+    """Optuna marks the heartbeat features we use experimental and warns on each use."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        yield
+
+
 def make_storage(url: str, heartbeat_interval: int | None = None, grace_period: int | None = None):
     engine_kwargs = None
     if url.startswith("sqlite"):
         # parallel trials write intermediate values at the same moment: wait for the lock
         engine_kwargs = {"connect_args": {"timeout": 60}}
-    return optuna.storages.RDBStorage(
-        url,
-        engine_kwargs=engine_kwargs,
-        heartbeat_interval=heartbeat_interval,
-        grace_period=grace_period,
-    )
+    with experimental_ok():  # heartbeat_interval, grace_period
+        return optuna.storages.RDBStorage(
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+        )
 
 
 def interrupted(trial: FrozenTrial) -> bool:
@@ -232,6 +243,10 @@ class OptunaSweep:
 
     def __init__(self, settings: SweepSettings, config: DictConfig, launcher) -> None:
         self.s, self.config, self.launcher = settings, config, launcher
+        # Optuna's own lines ("A new study created ...") through Hydra's logging, as ours are,
+        # rather than through the stderr handler Optuna installs for itself
+        optuna.logging.disable_default_handler()
+        optuna.logging.enable_propagation()
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         self.study_name = settings.study_name or self.sweep_dir.name
         self.url = storage_url(settings.storage, self.sweep_dir)
@@ -289,7 +304,8 @@ class OptunaSweep:
         if not self.s.heartbeat_interval:
             return
         before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
+        with experimental_ok():
+            optuna.storages.fail_stale_trials(study)
         for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
             if t.number in before:
                 log.warning(f"trial {t.number} was cut off by an earlier, killed sweep; owed again")
@@ -444,7 +460,11 @@ class OptunaSweep:
 
 
 def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
-    """One row per trial: number, state, value, parameters, error, times."""
+    """One row per trial: number, state, value, parameters, error, progress, times.
+
+    Progress: `last_validation`, the step of the trial's last report to the pruner (its
+    validation count, see OptunaPruning), and `global_step`, the training step it was made at.
+    """
     names = sorted({k for t in trials for k in t.params})
     with path.open("w", newline="") as f:
         w = csv.writer(f)
@@ -456,7 +476,8 @@ def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
                 *names,
                 "error",
                 "interrupted",
-                "last_step",
+                "last_validation",
+                GLOBAL_STEP,
                 "datetime_start",
                 "datetime_complete",
                 "duration_s",
@@ -477,6 +498,7 @@ def write_trials_csv(trials: list[FrozenTrial], path: Path) -> None:
                     t.user_attrs.get(ERROR, ""),
                     interrupted(t) or "",
                     t.last_step if t.last_step is not None else "",
+                    t.user_attrs.get(GLOBAL_STEP, ""),
                     t.datetime_start or "",
                     t.datetime_complete or "",
                     duration,
@@ -505,7 +527,10 @@ def write_plots(study: optuna.Study, out: Path) -> list[Path]:
         for name, plot in plots.items():
             try:
                 ax = plot(study)
-                fig = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
+                first = ax.flat[0] if hasattr(ax, "flat") else ax
+                if name == "intermediate_values":  # Optuna labels the report step "Step"
+                    first.set_xlabel("Validation")
+                fig = first.get_figure()
                 fig.set_size_inches(10, 6)
                 fig.tight_layout()
                 fig.savefig(out / f"{name}.png", dpi=100)
@@ -523,7 +548,10 @@ class OptunaPruning(Callback):
     The sweeper adds this callback to every trial (`callbacks.optuna_pruning.trial_number=N`); the
     trial process reattaches to the study in storage by number, so pruning works whichever process
     or machine the launcher runs the trial on. The step reported is the validation count (1, 2, ..),
-    so trials with different batch sizes are compared at the same point of their schedule.
+    so trials with different batch sizes are compared at the same point of their schedule: Optuna's
+    pruners compare trials at equal steps only, and a trial with twice the batch size validates at
+    half the training steps. The training step of the last report is kept as the trial's
+    `global_step` user attribute (trials.csv shows both).
     Storage, study and pruner come from the sweep's Hydra config unless given.
     """
 
@@ -582,6 +610,7 @@ class OptunaPruning(Callback):
                     f"validation; logged: {', '.join(sorted(trainer.callback_metrics))}"
                 )
             self.trial.report(float(value), self.validations)
+            self.trial.set_user_attr(GLOBAL_STEP, trainer.global_step)
             prune = self.trial.should_prune()
         prune = trainer.strategy.broadcast(prune)  # every rank stops together
         if prune:

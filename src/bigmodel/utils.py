@@ -1,16 +1,20 @@
-"""Small run-time helpers: printing the config, quieting warnings."""
+"""Small run-time helpers: what a run prints about its config, quieting warnings."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from pathlib import Path
 
 import rich
 import rich.syntax
 import rich.tree
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
-from bigmodel.loggers import redact
+from bigmodel.errors import UserError
+from bigmodel.redact import redact, redact_override
 
 # How a value the data fills at run time (a `???` net field such as the vocabulary size) prints.
 FILLED_AT_RUN_TIME = "??? (filled from the data at run time)"
@@ -55,9 +59,60 @@ def printable(node: DictConfig | ListConfig, key: str | int) -> object:
     return child
 
 
+# extras.print_config: what a run prints about its config before it starts
+PRINT_CONFIG_CHOICES = ("short", "full", "none")
+
+
+def print_summary(cfg: DictConfig) -> None:
+    """The few lines a user needs: the run directory, the overrides, the option of each group.
+
+    The full config is in the run directory (`.hydra/config.yaml`); `extras.print_config=full`
+    prints it here as well.
+    """
+    if not HydraConfig.initialized():
+        print_config(cfg)
+        return
+    hc = HydraConfig.get()
+    out = Path(hc.runtime.output_dir)
+    with contextlib.suppress(ValueError):
+        out = out.relative_to(Path.cwd())
+    # in the order of the defaults list (Hydra keeps them last-first), plumbing left out
+    choices = [
+        f"{group}={choice}"
+        for group, choice in reversed(hc.runtime.choices.items())
+        if choice is not None and not group.startswith("hydra") and (group, choice) not in _PLUMBING
+    ]
+    # as typed (resolving `${oc.env:...}` would print what it reads), credentials masked
+    typed = OmegaConf.to_container(hc.overrides.task, resolve=False)
+    overrides = " ".join(redact_override(str(o)) for o in typed) or "none (the defaults)"
+    saved = f"{out}/{hc.output_subdir}/config.yaml" if hc.output_subdir else "not saved"
+    # plain print: rich would wrap these lines at 80 columns in a pipe
+    print(f"{cfg.get('task_name', 'run')}: run directory {out}")
+    print(f"  overrides  {overrides}")
+    print(f"  options    {' '.join(choices)}")
+    print(f"  config     {saved} (extras.print_config=full prints it here)", flush=True)
+
+
+# group options every run has, not worth a word
+_PLUMBING = {
+    ("paths", "default"),
+    ("extras", "default"),
+    ("launcher", "local"),
+    ("local", "default"),
+}
+
+
 def apply_extras(cfg: DictConfig) -> None:
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
-    if extras.get("print_config"):
+    mode = extras.get("print_config", "short")
+    mode = {True: "short", False: "none", None: "none"}.get(mode, mode)
+    if mode not in PRINT_CONFIG_CHOICES:
+        raise UserError(
+            f"extras.print_config={mode} is not one of {', '.join(PRINT_CONFIG_CHOICES)}"
+        )
+    if mode == "full":
         print_config(cfg)
+    elif mode == "short":
+        print_summary(cfg)

@@ -52,20 +52,23 @@ def resolve_files(path: str) -> list[Path]:
     return files
 
 
-def read_text(f: Path) -> str:
-    """A UTF-8 text file; a binary file or another encoding is refused, naming the byte."""
+def read_text(f: Path, key: str = "data.path") -> str:
+    """A UTF-8 text file; a binary file or another encoding is refused, naming the byte.
+
+    key: the config key that named the file, for the message.
+    """
     raw = f.read_bytes()
     nul = raw.find(b"\x00")
     if nul >= 0:
         raise UserError(
-            f"data.path: {f} holds a NUL byte at offset {nul}, so it is a binary file, not text; "
-            "point data.path at a text corpus"
+            f"{key}: {f} holds a NUL byte at offset {nul}, so it is a binary file, not text; "
+            f"point {key} at a text file"
         )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UserError(
-            f"data.path: {f} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset "
+            f"{key}: {f} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset "
             f"{e.start}); convert it, for example: iconv -f latin1 -t utf-8 {f.name} > "
             f"{f.stem}.utf8{f.suffix}"
         ) from None

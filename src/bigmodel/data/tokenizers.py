@@ -57,7 +57,8 @@ class CharTokenizer:
         except KeyError as e:
             raise UserError(
                 f"character {e.args[0]!r} is not in the character vocabulary of this model; "
-                "use characters seen in training, or data.tokenizer=bpe"
+                f"its {len(self.chars)} characters are those of the corpus it was trained on; use "
+                "those, or train with data.tokenizer=bpe (any text)"
             ) from None
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -206,6 +206,22 @@ class Seq2SeqTransformer(nn.Module):
             x = block(x, mask)
         return self.ln_enc(x), mask
 
+    def forward_flops(self, batch_size: int, src_len: int, tgt_len: int) -> int:
+        """FLOPs of `forward` on (B, S) source and (B, T) target ids: 2 per multiply-add of every
+        matrix product (the linear layers, the attention scores and their weighted sums over
+        all positions, masked or not, the output layer), as torch's FlopCounterMode counts."""
+        cfg, B, S, T = self.config, batch_size, src_len, tgt_len
+        C, V, r = cfg.n_embd, cfg.tgt_vocab_size, cfg.mlp_ratio
+        # per token: q, k, v and output projections (8 C^2), the MLP (4 r C^2)
+        encoder = cfg.n_enc_layer * (B * S * (8 + 4 * r) * C * C + 4 * B * S * S * C)
+        decoder = cfg.n_dec_layer * (
+            B * T * (8 + 4 + 4 * r) * C * C  # self-attention, cross-attention q and out, MLP
+            + B * S * 4 * C * C  # cross-attention keys and values of the encoder output
+            + 4 * B * T * T * C  # self-attention scores and sums
+            + 4 * B * T * S * C  # cross-attention scores and sums
+        )
+        return encoder + decoder + 2 * B * T * C * V
+
     def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
         memory, mask = self.encode(src)
         x = self.embed(self.tgt_emb, tgt)

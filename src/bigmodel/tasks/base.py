@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -43,6 +44,8 @@ class Task(L.LightningModule):
         # The resolved run config as plain data, set by the runner; written into checkpoints so
         # eval.py and generate.py can rebuild the exact net, data pipeline and tokenizer.
         self.run_config: dict | None = None
+        self._batch_flops: int | None = None
+        self._flops_per_sample: dict[tuple, int | None] = {}
 
     def setup(self, stage: str) -> None:
         if self.compile_net and not getattr(self.net, "_compiled", False):
@@ -95,6 +98,84 @@ class Task(L.LightningModule):
             )
         sched["scheduler"] = factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": sched}
+
+    # ---------------------------------------------------------------------------------- FLOPs
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the batch in flight, read by Lightning's ThroughputMonitor (FLOPs/s, MFU).
+
+        Training: forward + backward, 3 x the forward FLOPs (a backward pass costs about twice
+        its forward); validation and test: the forward FLOPs of `eval_flops`. None where they are
+        not known: the monitor then logs no FLOPs/s rather than a wrong figure.
+        """
+        return self._batch_flops
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        forward = self.forward_flops(batch)
+        self._batch_flops = None if forward is None else 3 * forward
+
+    def on_validation_batch_start(
+        self, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        self._batch_flops = self.eval_flops(batch)
+
+    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._batch_flops = self.eval_flops(batch)
+
+    def forward_flops(self, batch: Any) -> int | None:
+        """FLOPs of the net's forward pass on `batch` (None: not known).
+
+        By default measured with torch's FlopCounterMode: the first batch of each input shape runs
+        once more through the net (eval mode, no grad, random state untouched), and the count per
+        sample is scaled by the batch size from then on. Tasks whose nets have a closed form
+        (GPT's `flops_per_token`) override this.
+        """
+        x = batch[0] if isinstance(batch, (tuple, list)) and batch else None
+        if not isinstance(x, torch.Tensor) or x.ndim == 0 or len(x) == 0:
+            return None
+        key = (tuple(x.shape[1:]), x.dtype)
+        if key not in self._flops_per_sample:
+            total = self._count_forward_flops(x)
+            self._flops_per_sample[key] = None if total is None else total // len(x)
+        per_sample = self._flops_per_sample[key]
+        return None if per_sample is None else per_sample * len(x)
+
+    def eval_flops(self, batch: Any) -> int | None:
+        """FLOPs of a validation / test batch: one forward pass unless a task does more."""
+        return self.forward_flops(batch)
+
+    @torch.no_grad()
+    def _count_forward_flops(self, x: torch.Tensor) -> int | None:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        from torch.utils.flop_counter import FlopCounterMode
+
+        trainer = self._trainer
+        precision = trainer.precision_plugin if trainer is not None else None
+        modes = {m: m.training for m in self.net.modules()}
+        counter = FlopCounterMode(display=False)
+        try:
+            with contextlib.ExitStack() as stack:
+                # no random number drawn here changes what training draws next
+                stack.enter_context(
+                    torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else [])
+                )
+                if precision is not None:
+                    x = precision.convert_input(x)
+                    stack.enter_context(precision.forward_context())
+                if getattr(self.net, "_compiled", False):  # count the eager ops, compile nothing
+                    stack.enter_context(torch.compiler.set_stance("force_eager"))
+                # the math kernel: FlopCounterMode counts no fused attention kernel on CPU
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+                stack.enter_context(counter)
+                self.net.eval()
+                self.net(x)
+        except Exception as e:  # a net the counter cannot follow: no FLOPs figure, no failure
+            log.info(f"FLOPs not counted ({type(e).__name__}: {e}); no FLOPs/s are logged")
+            return None
+        finally:
+            for module, training in modes.items():
+                module.train(training)
+        return counter.get_total_flops()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bigmodel"] = {"config": self.run_config, "task": type(self).__name__}

@@ -91,6 +91,19 @@ class Seq2Seq(Task):
             loss = nll
         return loss, nll, logits, y
 
+    def forward_flops(self, batch) -> int | None:
+        """The teacher-forced forward of `_loss`, in the net's closed form (None without one)."""
+        count = getattr(self.net, "forward_flops", None)
+        if count is None:
+            return None
+        src, tgt = batch["src"], batch["tgt"]
+        return count(src.shape[0], src.shape[1], tgt.shape[1] - 1)
+
+    def eval_flops(self, batch) -> int | None:
+        # validation and test also decode (greedy or beam search), whose work no formula here
+        # follows: no figure rather than the scoring forward's alone
+        return None
+
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _, _, _ = self._loss(batch)
         self.log_metric("train/loss", loss, batch, prog_bar=True)
