@@ -45,8 +45,8 @@ def plain_loop(cfg, steps: int, log_steps: int) -> dict:
     """The same training, written out by hand."""
     import hydra
 
+    from bigmodel.config_checks import fill_from_data
     from bigmodel.optim import param_groups
-    from bigmodel.run import fill_from_data
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     dm = hydra.utils.instantiate(cfg.data)

@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+import bigmodel.console  # noqa: F401  (Lightning's lines once, no tips)
 from bigmodel.nets import GPT
 from bigmodel.tasks import LanguageModel
 

@@ -13,7 +13,7 @@ import time
 import sacrebleu
 import torch
 
-from bigmodel.run import restore
+from bigmodel.checkpoints import restore
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from bigmodel.data import AudioDataModule
-from bigmodel.data.audio import read_clip
+from bigmodel.data.sources.audio_files import read_clip
 from bigmodel.errors import UserError
 from bigmodel.nets import AudioCNN, LogMel, SpecAugment
 from bigmodel.nets.audio import hz_to_mel

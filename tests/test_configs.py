@@ -20,7 +20,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from bigmodel.errors import UserError
 from bigmodel.nets import gpt, vit
 from bigmodel.run import build_task, build_trainer, instantiate_all
-from bigmodel.sweep import OptunaSweep, SweepSettings, search_space, trial_overrides
+from bigmodel.sweep import OptunaSweep, search_space, trial_overrides
+from hydra_plugins.bigmodel_optuna_sweeper.config import BigmodelOptunaSweeperConf
 from tests.conftest import CONFIGS, compose_config
 
 # Values a DataModule would supply for `???` net fields, so nets build without loading data.
@@ -201,11 +202,7 @@ def check_launcher(cfg: DictConfig, option: str, launcher: Launcher) -> None:
 def check_optuna_sweep(cfg: DictConfig, option: str, sweeper: Sweeper, tmp_path: Path) -> None:
     """Create the study the sweep would, draw one trial and build that trial's job."""
     assert type(sweeper).__name__ == "BigmodelOptunaSweeper"
-    settings = {
-        k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
-        for k, v in sweeper.settings.items()
-    }
-    sweep = OptunaSweep(SweepSettings(**settings), cfg, sweeper.launcher)
+    sweep = OptunaSweep(BigmodelOptunaSweeperConf(**sweeper.settings), cfg, sweeper.launcher)
     space, fixed = search_space(sweep.s.params, [])
     assert set(space) == set(cfg.hydra.sweeper.params)
     study = sweep.load_study(fixed)

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from bigmodel.data import ImageDataModule
-from bigmodel.data.image import random_crop, random_hflip, split_indices
+from bigmodel.data.image import random_crop, random_hflip
+from bigmodel.data.sources.files import split_indices
 from bigmodel.errors import UserError
 from tests.conftest import logged, run_cli, run_dirs
 

@@ -147,7 +147,21 @@ def readme_blocks(text: str | None = None) -> list[Block]:
     return blocks
 
 
-BLOCKS = readme_blocks()
+# README sections that a test of their own follows (their commands need the files they add)
+OWN_TESTS = {"Extending": "tests/test_extending.py"}
+
+
+def _outside_own_tests(blocks: list[Block]) -> list[Block]:
+    lines = README.read_text().splitlines()
+    starts = [i + 1 for i, line in enumerate(lines) if line.startswith("## ")]
+    spans = []
+    for name in OWN_TESTS:
+        start = lines.index(f"## {name}") + 1
+        spans.append((start, min([s for s in starts if s > start] + [len(lines) + 1])))
+    return [b for b in blocks if not any(a <= b.line < z for a, z in spans)]
+
+
+BLOCKS = _outside_own_tests(readme_blocks())
 
 
 # ------------------------------------------------------------------------------- fixtures

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bigmodel.data.text import TextDataModule, embedded_corpus
+from bigmodel.data.sources.text_files import embedded_corpus
+from bigmodel.data.text import TextDataModule
 from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from bigmodel.errors import UserError
 from bigmodel.nets import GPT

@@ -10,15 +10,10 @@ import pytest
 import sacrebleu
 import torch
 
+from bigmodel.data.sources.grammar import de_number, en_number, synthetic_corpus
+from bigmodel.data.sources.parallel_text import read_parallel_files
 from bigmodel.data.tokenizers import TokenizerPair, tokenizer_from_dict
-from bigmodel.data.translation import (
-    TranslationDataModule,
-    de_number,
-    en_number,
-    length_buckets,
-    read_parallel_files,
-    synthetic_corpus,
-)
+from bigmodel.data.translation import TranslationDataModule, length_buckets
 from bigmodel.errors import UserError
 from bigmodel.nets.seq2seq import Seq2SeqTransformer, beam_search, greedy_search
 from bigmodel.tasks.seq2seq import Seq2Seq
@@ -332,7 +327,7 @@ def test_cli_train_generate_eval(tmp_path):
     # the model has learned: an untrained one scores 0, and so would any broken decoding
     assert bleu > 5, bleu
     # The same checkpoint, decoded here with the same beams, scored by sacrebleu itself.
-    from bigmodel.run import restore
+    from bigmodel.checkpoints import restore
 
     _, dm, task = restore(str(ckpt_path))
     assert (

@@ -7,19 +7,17 @@ point this adds:
   `"prompt=Hello, world"`), not parsed by Hydra's override grammar;
 - bad input that Hydra itself finds (a misspelt key, an unknown option, an override it cannot
   parse) ends with one line on stderr that names the key and the fix, and exit status 2, as
-  bad input found later does (`bigmodel.run.reports_user_errors`).
+  bad input found later does (`bigmodel.errors.reports_user_errors`).
 
 It imports no torch or Lightning, so that `--help` stays quick.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import functools
 import inspect
-import logging
 import os
 import re
 import sys
@@ -32,43 +30,14 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError
 
-from bigmodel.errors import UserError
-
-# Hydra prints a stripped traceback unless HYDRA_FULL_ERROR=1; we ask it to raise, and keep what
-# the user asked for here (inherited by the processes a run starts: DDP ranks, sweep trials).
-_USER_FULL_ERROR = "BIGMODEL_USER_HYDRA_FULL_ERROR"
-
-
-def full_errors() -> bool:
-    """True when the user set HYDRA_FULL_ERROR=1: raise everything, with its traceback."""
-    return os.environ.get(_USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", "")) == "1"
-
-
-def mark_failed(msg: str) -> None:
-    """Leave `error.txt` in the run directory Hydra made, so a failed run is not mistaken for
-    one in progress, and the line in its log file (generate.py makes neither)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized():
-        return
-    hc = HydraConfig.get()
-    out = Path(hc.runtime.output_dir)
-    if hc.output_subdir is None or not out.is_dir():
-        return
-    with contextlib.suppress(OSError):
-        (out / "error.txt").write_text(msg + "\n", encoding="utf-8")
-    # the run's log file too, but not the console: stderr gets the one `error:` line
-    log = logging.getLogger("bigmodel")
-    record = log.makeRecord(log.name, logging.ERROR, __file__, 0, msg, None, None)
-    for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.FileHandler):
-            handler.handle(record)
-
-
-def fail(msg: str) -> None:
-    """The one way a command ends on bad input: `error: <msg>` on stderr, exit status 2."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+from bigmodel.errors import (
+    USER_FULL_ERROR,
+    UserError,
+    fail,
+    full_errors,
+    mark_failed,
+    reports_user_errors,
+)
 
 
 def entry(config_name: str, raw: Sequence[str] = ()) -> Callable[[Callable], Callable[[], Any]]:
@@ -81,12 +50,13 @@ def entry(config_name: str, raw: Sequence[str] = ()) -> Callable[[Callable], Cal
         config_dir = Path(inspect.getfile(task)).resolve().parent / "configs"
         hydra_main = hydra.main(
             version_base="1.3", config_path=str(config_dir), config_name=config_name
-        )(task)
+        )(reports_user_errors(task))  # bad input found before the runner (extras) too
 
         @functools.wraps(task)
         def main() -> Any:
-            if _USER_FULL_ERROR not in os.environ:
-                os.environ[_USER_FULL_ERROR] = os.environ.get("HYDRA_FULL_ERROR", "")
+            # Hydra is asked to raise; what the user asked for is kept (bigmodel.errors)
+            if USER_FULL_ERROR not in os.environ:
+                os.environ[USER_FULL_ERROR] = os.environ.get("HYDRA_FULL_ERROR", "")
             os.environ["HYDRA_FULL_ERROR"] = "1"
             argv = sys.argv[:]
             sys.argv = [argv[0], *(quote_raw(a, raw) for a in argv[1:])]

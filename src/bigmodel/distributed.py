@@ -1,14 +1,13 @@
-"""Helpers for running one config on many devices: batch arithmetic, FSDP wrapping, DDP + Hydra.
+"""Helpers for running one config on many devices: batch arithmetic and FSDP wrapping.
 
 The strategies themselves are Lightning's (configs/strategy/*.yaml); this module holds only what
-those configs and the runner need around them.
+those configs, the tasks and the runner need around them. Importing it changes nothing (the DDP
+launcher under Hydra is bigmodel.launcher's).
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from typing import Any
 
 import torch.nn as nn
@@ -95,43 +94,3 @@ def fsdp2_strategy(save_distributed_checkpoint: bool = False, **kwargs: Any):
         save_distributed_checkpoint=save_distributed_checkpoint,
         **kwargs,
     )
-
-
-# ------------------------------------------------------------------------------ DDP + Hydra
-def _hydra_subprocess_cmd(local_rank: int) -> tuple[list[str], str]:
-    """The command line that starts rank `local_rank` of a DDP run inside a Hydra job.
-
-    Lightning's own version re-runs `sys.argv` with `hydra.run.dir` re-resolved, which in a
-    multirun starts a whole new sweep in a new directory on every rank. This one re-runs the
-    job's own overrides as a single run in the job's output directory, and writes no log files
-    or config copies there: only rank 0 writes into a run directory.
-    """
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.utils import get_original_cwd, to_absolute_path
-
-    hc = HydraConfig.get()
-    keep = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd")
-    argv, flags = sys.argv[1:], []
-    for i, arg in enumerate(argv):
-        if arg.split("=")[0] in keep:
-            flags.append(arg)
-            if "=" not in arg and i + 1 < len(argv):
-                flags.append(argv[i + 1])
-    command = [sys.executable, to_absolute_path(sys.argv[0]), *flags, *hc.overrides.task]
-    command += [
-        f'hydra.run.dir="{hc.runtime.output_dir}"',
-        f"hydra.job.name=train_ddp_process_{local_rank}",
-        "hydra.output_subdir=null",
-        # rank 0 owns <run dir>/train.log; other ranks log to their console only
-        f"hydra.job_logging.handlers.file.filename={os.devnull}",
-    ]
-    return command, get_original_cwd()
-
-
-def patch_ddp_hydra_launcher() -> None:
-    """Make `strategy=ddp` re-run ranks > 0 correctly under Hydra runs and multiruns."""
-    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
-    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
-
-    fabric_launcher._hydra_subprocess_cmd = _hydra_subprocess_cmd
-    trainer_launcher._hydra_subprocess_cmd = _hydra_subprocess_cmd

@@ -1,4 +1,5 @@
-"""Logger factories where Lightning's own classes need a decision made first, and secret hygiene."""
+"""Loggers: factories where Lightning's own classes need a decision made first, and the config as
+trackers are given it (flat dotted keys, credentials masked)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ from typing import Any
 from lightning.pytorch.loggers import CSVLogger, MLFlowLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+from omegaconf import DictConfig, OmegaConf
+
+from bigmodel.checkpoints import resolve_ckpt_path
+from bigmodel.redact import redact
 
 log = logging.getLogger("bigmodel")
 
@@ -23,9 +28,22 @@ log = logging.getLogger("bigmodel")
 WANDB_ID_FILE = "wandb_id.txt"
 
 
-# ------------------------------------------------------------------------------------ secrets
-# names that end in a credential word: api_key, WANDB_API_KEY, hf_token, MLFLOW_TRACKING_PASSWORD
-# (not max_new_tokens or tokenizer)
+# ------------------------------------------------------------------------------------ config
+def flat_config(cfg: DictConfig) -> dict[str, Any]:
+    """The config as flat dotted keys, as trackers show it best; credentials masked."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        else:
+            flat[prefix] = node
+
+    walk(redact(OmegaConf.to_container(cfg, resolve=True)), "")
+    return flat
+
+
 # --------------------------------------------------------------------------------------- W&B
 def _hydra() -> Any:
     from hydra.core.hydra_config import HydraConfig
@@ -45,8 +63,6 @@ def _sweep_group(hc: Any) -> str | None:
 def _resumed_run_dir(ckpt_path: str | None, log_dir: str | None, task_name: str) -> Path | None:
     if not ckpt_path:
         return None
-    from bigmodel.run import resolve_ckpt_path
-
     path = resolve_ckpt_path(ckpt_path, log_dir, task_name)
     # <run dir>/checkpoints/<name>.ckpt
     return Path(path).resolve().parent.parent if path else None

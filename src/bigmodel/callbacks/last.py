@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from bigmodel.checkpointing import remove_partial_writes
+from bigmodel.checkpoints import remove_partial_writes
 
 
 class LastCheckpoint(ModelCheckpoint):

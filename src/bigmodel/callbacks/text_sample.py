@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from bigmodel.errors import UserError
+from bigmodel.media import log_text
 from bigmodel.nets.gpt import check_sampling
 
 log = logging.getLogger("bigmodel")
@@ -40,7 +41,6 @@ class TextSample(L.Callback):
         self.temperature, self.top_k, self.seed = temperature, top_k, seed
         self.every_n_validations = max(1, every_n_validations)
         self.validations = 0
-        self.last_sample: str | None = None
         self._warned: set[str] = set()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -54,20 +54,12 @@ class TextSample(L.Callback):
         text = self._sample(pl_module, tokenizer)
         if text is None or not trainer.is_global_zero:
             return
-        self.last_sample = text
         step = trainer.global_step
         print(f"\n--- sample at step {step} ---\n{text}\n---", flush=True)
         if trainer.default_root_dir:
             with open(Path(trainer.default_root_dir) / "samples.txt", "a", encoding="utf-8") as f:
                 f.write(f"--- step {step} ---\n{text}\n")
-        for logger in trainer.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_text"):  # TensorBoard
-                exp.add_text("val/sample", text, global_step=step)
-            elif hasattr(logger, "log_text"):  # W&B
-                logger.log_text(
-                    "val/sample", columns=["step", "text"], data=[[step, text]], step=step
-                )
+        log_text(trainer.loggers, "val/sample", text, step)
 
     def _sample(self, pl_module: L.LightningModule, tokenizer) -> str | None:
         """The sample from `prompt`, else from the start token, else None; warns once per cause."""

@@ -1,6 +1,11 @@
-"""LightningDataModules per modality. They know nothing of models."""
+"""LightningDataModules per modality, on one base (`base.DataModule`). They know nothing of models.
+
+To add a dataset: subclass `DataModule` (its module docstring says what to provide), put file
+readers or generators in `sources/`, export the class here and give it `configs/data/<name>.yaml`.
+"""
 
 from bigmodel.data.audio import AudioDataModule
+from bigmodel.data.base import DataModule
 from bigmodel.data.image import ImageDataModule
 from bigmodel.data.regression import RegressionDataModule
 from bigmodel.data.text import TextDataModule
@@ -8,6 +13,7 @@ from bigmodel.data.translation import TranslationDataModule
 
 __all__ = [
     "AudioDataModule",
+    "DataModule",
     "ImageDataModule",
     "RegressionDataModule",
     "TextDataModule",

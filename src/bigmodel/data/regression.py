@@ -7,11 +7,10 @@ before the noise is added).
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-from bigmodel.data.resumable import ResumableLoader, eval_loader, train_loader
+from bigmodel.data.base import DataModule
 from bigmodel.errors import UserError
 
 
@@ -29,7 +28,7 @@ def make_regression(
     return x, y + noise * torch.randn(y.shape, generator=g)
 
 
-class RegressionDataModule(L.LightningDataModule):
+class RegressionDataModule(DataModule):
     """Seeded synthetic regression data split into train / val / test by fractions."""
 
     def __init__(
@@ -46,13 +45,11 @@ class RegressionDataModule(L.LightningDataModule):
         seed: int = 1337,
         split: str = "test",
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size=batch_size, num_workers=num_workers, seed=seed, split=split)
         if min(n_samples, in_features, out_features, teacher_hidden) <= 0:
             raise UserError("data.n_samples, in_features, out_features, teacher_hidden must be > 0")
         if noise < 0:
             raise UserError(f"data.noise must be >= 0, got {noise}")
-        if batch_size is None or batch_size <= 0:
-            raise UserError(f"data.batch_size must be a positive integer, got {batch_size}")
         n_val, n_test = int(n_samples * val_fraction), int(n_samples * test_fraction)
         if (
             not (val_fraction >= 0 and test_fraction >= 0)
@@ -63,17 +60,12 @@ class RegressionDataModule(L.LightningDataModule):
                 f"data.val_fraction={val_fraction}, test_fraction={test_fraction} leave no "
                 f"train or val samples out of n_samples={n_samples}; change them"
             )
-        if split not in ("train", "val", "test"):
-            raise UserError(f"data.split={split} is not one of train, val, test")
         self.n_samples, self.in_features, self.out_features = n_samples, in_features, out_features
-        self.teacher_hidden, self.noise, self.seed = teacher_hidden, noise, seed
+        self.teacher_hidden, self.noise = teacher_hidden, noise
         self.n_val, self.n_test = n_val, n_test
-        self.batch_size, self.num_workers, self.split = batch_size, num_workers, split
         self.data: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.data:
-            return
+    def build(self) -> None:
         x, y = make_regression(
             self.n_samples,
             self.in_features,
@@ -94,18 +86,5 @@ class RegressionDataModule(L.LightningDataModule):
     def net_kwargs(self) -> dict:
         return {"in_features": self.in_features, "out_features": self.out_features}
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader | ResumableLoader:
-        ds = TensorDataset(*self.data[split])
-        kwargs = {"batch_size": self.batch_size, "num_workers": self.num_workers}
-        if shuffle:  # training: a seeded order per epoch that resumes mid-epoch
-            return train_loader(self, ds, shuffle=True, seed=self.seed, **kwargs)
-        return eval_loader(ds, **kwargs)
-
-    def train_dataloader(self) -> ResumableLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.split)
+    def dataset(self, split: str) -> TensorDataset:
+        return TensorDataset(*self.data[split])

@@ -1,6 +1,7 @@
 """Training batches that resume exactly: the epoch's order and the position in it survive a stop.
 
-Every data module builds its training loader with `train_loader`. Two parts, one job each:
+`DataModule` (base.py) builds every training loader with `train_loader`. Two parts, one job
+each:
 
 - `EpochSampler` fixes the order of an epoch by (seed, epoch) alone and shards it over the
   training processes. It subclasses `DistributedSampler`, which Lightning keeps as it is under
@@ -105,16 +106,6 @@ class ResumableLoader(DataLoader):
                 f"one has {sampler.total_size}; resume with the data config it was trained with"
             )
         sampler.epoch, sampler.start = state["epoch"], state["consumed"]
-
-
-def loader_kwargs(batch_size: int | None, num_workers: int, pin_memory: bool) -> dict[str, Any]:
-    """The DataLoader settings every data module passes through from its config."""
-    return {
-        "batch_size": batch_size,
-        "num_workers": num_workers,
-        "pin_memory": pin_memory,
-        "persistent_workers": num_workers > 0,
-    }
 
 
 def eval_loader(dataset: Dataset, **kwargs: Any) -> DataLoader:

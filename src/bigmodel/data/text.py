@@ -1,99 +1,26 @@
-"""Text for language modelling: sources, tokenization, a token-id cache and window sampling."""
+"""Text for language modelling: `TextDataModule`, its token-id cache and window sampling.
+
+The text comes from `sources/text_files.py`: the embedded corpus, a file, a folder or a glob.
+"""
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from bigmodel.data.resumable import ResumableLoader, eval_loader, loader_kwargs, train_loader
-from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
+from bigmodel.data.base import DataModule
+from bigmodel.data.sources.text_files import embedded_corpus, read_files, resolve_files
+from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer
 from bigmodel.errors import UserError
 
 log = logging.getLogger("bigmodel")
-
-SPLITS = ("train", "val", "test")
-TEXT_SUFFIXES = {".txt", ".md", ".text"}
-HF_SUFFIXES = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv"}
-
-
-def embedded_corpus() -> str:
-    """English prose that ships with every CPython: the help topics of `pydoc_data`."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k].strip() for k in sorted(topics))
-
-
-def resolve_files(path: str) -> list[Path]:
-    """A file, a directory (its .txt/.md files and HF data files, recursively) or a glob."""
-    p = Path(path).expanduser()
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        suffixes = TEXT_SUFFIXES | set(HF_SUFFIXES)
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in suffixes)
-        if not files:
-            raise UserError(f"data.path={path} is a folder with no .txt/.md/.parquet/.json files")
-        return files
-    files = sorted(Path(f) for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
-    if not files:
-        raise UserError(
-            f"data.path={path} does not exist (no file, folder or glob match); "
-            "point data.path at a text file, a folder of .txt files or a glob like 'corpus/*.txt'"
-        )
-    return files
-
-
-def read_text(f: Path, key: str = "data.path") -> str:
-    """A UTF-8 text file; a binary file or another encoding is refused, naming the byte.
-
-    key: the config key that named the file, for the message.
-    """
-    raw = f.read_bytes()
-    nul = raw.find(b"\x00")
-    if nul >= 0:
-        raise UserError(
-            f"{key}: {f} holds a NUL byte at offset {nul}, so it is a binary file, not text; "
-            f"point {key} at a text file"
-        )
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"{key}: {f} is not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at offset "
-            f"{e.start}); convert it, for example: iconv -f latin1 -t utf-8 {f.name} > "
-            f"{f.stem}.utf8{f.suffix}"
-        ) from None
-
-
-def read_files(files: list[Path], text_column: str) -> str:
-    """Concatenate documents; HF data files (parquet/json/csv) contribute their `text_column`."""
-    parts: list[str] = []
-    for f in files:
-        fmt = HF_SUFFIXES.get(f.suffix)
-        if fmt is None:
-            parts.append(read_text(f))
-            continue
-        try:
-            import datasets
-        except ImportError as e:  # pragma: no cover - depends on the install
-            raise UserError(f"reading {f} needs HF datasets: pip install -e '.[hf]'") from e
-        ds = datasets.load_dataset(fmt, data_files=str(f), split="train")
-        if text_column not in ds.column_names:
-            raise UserError(
-                f"{f} has no column {text_column!r} (columns: {ds.column_names}); "
-                "set data.text_column to the column that holds the text"
-            )
-        parts.extend(str(t) for t in ds[text_column] if t)
-    return "\n\n".join(parts)
 
 
 class RandomWindows(Dataset):
@@ -142,7 +69,7 @@ class StridedWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class TextDataModule(L.LightningDataModule):
+class TextDataModule(DataModule):
     """Language-modelling data: text -> tokenizer -> cached token ids -> (x, y) windows.
 
     The text is split contiguously into train / val / test by `splits`; the tokenizer is trained
@@ -151,6 +78,11 @@ class TextDataModule(L.LightningDataModule):
     in a warning, and scored like any other token, so val/test perplexity stays finite and covers
     every character. BPE is byte-level and has no unknowns.
     """
+
+    # the windows are drawn at random offsets per epoch already: training reads them in order,
+    # whole batches only
+    train_shuffle = False
+    train_drop_last = True
 
     def __init__(
         self,
@@ -168,25 +100,22 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 1337,
         split: str = "test",
     ) -> None:
-        super().__init__()
-        if batch_size is None or batch_size <= 0:
-            raise UserError(f"data.batch_size must be a positive integer, got {batch_size}")
+        super().__init__(
+            batch_size=batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+            split=split,
+        )
         if block_size is None or block_size <= 0:
             raise UserError(f"the block size must be a positive integer, got {block_size}")
         if tokenizer not in ("char", "bpe"):
             raise UserError(f"data.tokenizer={tokenizer} is not one of: char, bpe")
         if len(splits) != 3 or min(splits) < 0 or splits[0] <= 0 or abs(sum(splits) - 1) > 1e-6:
             raise UserError(f"data.splits={list(splits)} must be 3 fractions >= 0 summing to 1")
-        if split not in SPLITS:
-            raise UserError(f"data.split={split} is not one of {', '.join(SPLITS)}")
         self.path, self.text_column, self.tokenizer_kind = path, text_column, tokenizer
-        self.bpe_vocab_size, self.block_size, self.batch_size = vocab_size, block_size, batch_size
-        self.splits, self.max_eval_windows, self.num_workers = (
-            tuple(splits),
-            max_eval_windows,
-            num_workers,
-        )
-        self.pin_memory, self.seed, self.split = pin_memory, seed, split
+        self.bpe_vocab_size, self.block_size = vocab_size, block_size
+        self.splits, self.max_eval_windows = tuple(splits), max_eval_windows
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.tokenizer: CharTokenizer | BPETokenizer | None = None
         self.tokens: dict[str, np.ndarray] = {}
@@ -212,9 +141,7 @@ class TextDataModule(L.LightningDataModule):
         }
 
     # ------------------------------------------------------------------------------ lifecycle
-    def setup(self, stage: str | None = None) -> None:
-        if self.tokens:  # idempotent: run.py sets up before building the model, Lightning again
-            return
+    def build(self) -> None:
         text = self.load_text()
         parts = self.split_text(text)
         if self.tokenizer is None:
@@ -282,45 +209,14 @@ class TextDataModule(L.LightningDataModule):
         return {"vocab_size": self.vocab_size}
 
     # ---------------------------------------------------------------------------- dataloaders
-    def train_dataloader(self) -> ResumableLoader:
+    def train_dataset(self) -> RandomWindows:
         tokens = self.tokens["train"]
-        ds = RandomWindows(
+        return RandomWindows(
             tokens, self.block_size, max(1, len(tokens) // self.block_size), self.seed
         )
-        # the windows are drawn at random offsets per epoch already: read them in order
-        return train_loader(
-            self, ds, shuffle=False, seed=self.seed, drop_last=True, **self._loader_kwargs()
-        )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.split)
-
-    def _eval_loader(self, split: str) -> DataLoader:
+    def dataset(self, split: str) -> StridedWindows:
         tokens = self.tokens[split]
         if len(tokens) < self.block_size + 1:
             raise UserError(f"the {split} split is shorter than one block; adjust data.splits")
-        return self._loader(StridedWindows(tokens, self.block_size, self.max_eval_windows))
-
-    def _loader(self, ds: Dataset) -> DataLoader:
-        return eval_loader(ds, **self._loader_kwargs())
-
-    def _loader_kwargs(self) -> dict:
-        return loader_kwargs(self.batch_size, self.num_workers, self.pin_memory)
-
-    # ---------------------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
-        # the position in the epoch is the training loader's state, kept by Lightning's loop
-        return {"tokenizer": self.tokenizer.to_dict()} if self.tokenizer else {}
-
-    def load_state_dict(self, state: dict) -> None:
-        if "tokenizer" in state:
-            restored = tokenizer_from_dict(state["tokenizer"])
-            if self.tokenizer is not None and self.tokenizer.to_dict() != restored.to_dict():
-                raise UserError(
-                    "the checkpoint's tokenizer differs from the one built from this data; "
-                    "resume with the same data config the checkpoint was trained with"
-                )
-            self.tokenizer = restored
+        return StridedWindows(tokens, self.block_size, self.max_eval_windows)

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
-from pathlib import Path
-from typing import Protocol
 
 from bigmodel.errors import UserError
-
-
-class Tokenizer(Protocol):
-    vocab_size: int
-
-    def encode(self, text: str) -> list[int]: ...
-    def decode(self, ids: Iterable[int]) -> str: ...
-    def to_dict(self) -> dict: ...
 
 
 class CharTokenizer:
@@ -178,11 +167,3 @@ def tokenizer_from_dict(state: dict) -> CharTokenizer | BPETokenizer | Tokenizer
     raise UserError(
         f"unknown tokenizer type {kind!r} in checkpoint; expected 'char', 'bpe' or 'pair'"
     )
-
-
-def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(tokenizer.to_dict()))
-
-
-def load_tokenizer(path: str | Path) -> CharTokenizer | BPETokenizer | TokenizerPair:
-    return tokenizer_from_dict(json.loads(Path(path).read_text()))

@@ -7,10 +7,14 @@ and the checkpoint holds everything needed to classify raw audio.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 import torch.nn as nn
 
-from bigmodel.nets.cnn import ResNetBody
+from bigmodel.nets.cnn import ClassifierHead, ResNetBody, check_num_classes
+from bigmodel.nets.layers import build_config
 
 
 def hz_to_mel(f: torch.Tensor | float) -> torch.Tensor:
@@ -111,44 +115,71 @@ class SpecAugment(nn.Module):
         return x * keep.view(x.shape).to(x.dtype)
 
 
+@dataclass
+class AudioCNNConfig:
+    num_classes: int
+    """Number of classes; filled from the data module when left as `???`."""
+    sample_rate: int
+    """Sample rate of the waveforms in Hz; filled from the data module when left as `???`."""
+    n_fft: int = 512
+    """STFT size in samples (n_fft // 2 + 1 frequency bins)."""
+    win_length: int | None = None
+    """STFT window in samples; None: n_fft."""
+    hop_length: int = 320
+    """Samples between frames (320 = 20 ms at 16 kHz)."""
+    n_mels: int = 32
+    """Mel bins of the spectrogram."""
+    f_min: float = 20.0
+    """Lowest frequency of the mel filters in Hz."""
+    f_max: float | None = None
+    """Highest frequency of the mel filters in Hz; None: half the sample rate."""
+    freq_mask: int = 0
+    """SpecAugment (training only): widest band of mel bins set to zero; 0 disables."""
+    time_mask: int = 0
+    """SpecAugment: widest band of frames set to zero; 0 disables."""
+    num_masks: int = 2
+    """SpecAugment: bands of each kind per example."""
+    widths: list[int] | tuple[int, ...] = (16, 32, 64)
+    """Channels per ResNet stage; every stage after the first halves the resolution."""
+    blocks_per_stage: int = 1
+    """Basic blocks (two 3x3 convs and a shortcut) per stage."""
+    dropout: float = 0.0
+    """Dropout on the pooled features, before the output layer."""
+
+    def __post_init__(self) -> None:
+        check_num_classes(self.num_classes)
+
+
 class AudioCNN(nn.Module):
     """Waveforms (B, L) at `sample_rate` -> class logits (B, num_classes).
 
     log-mel -> per-mel-bin batch norm (a learned standardisation, robust to loudness) ->
-    SpecAugment (training only) -> the ResNet body of nets/cnn.py over the 1-channel image.
+    SpecAugment (training only) -> the ResNet body and head of nets/cnn.py over the 1-channel
+    image.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        sample_rate: int,
-        n_fft: int = 512,
-        win_length: int | None = None,
-        hop_length: int = 320,
-        n_mels: int = 32,
-        f_min: float = 20.0,
-        f_max: float | None = None,
-        freq_mask: int = 0,
-        time_mask: int = 0,
-        num_masks: int = 2,
-        widths: list[int] | tuple[int, ...] = (16, 32, 64),
-        blocks_per_stage: int = 1,
-        dropout: float = 0.0,
-    ) -> None:
+    config_class = AudioCNNConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """`AudioCNN(AudioCNNConfig(...))`, or AudioCNNConfig's fields: `AudioCNN(10, 16000)`."""
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(
-                f"a classifier needs at least 2 classes, got num_classes={num_classes}"
-            )
-        self.num_classes = num_classes
-        self.features = LogMel(sample_rate, n_fft, win_length, hop_length, n_mels, f_min, f_max)
-        self.norm = nn.BatchNorm1d(n_mels)
-        self.spec_augment = SpecAugment(freq_mask, time_mask, num_masks)
-        self.body = ResNetBody(1, list(widths), blocks_per_stage)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self.body.out_features, num_classes)
+        self.config = cfg = build_config(AudioCNNConfig, args, kwargs)
+        self.num_classes = cfg.num_classes
+        self.features = LogMel(
+            cfg.sample_rate,
+            cfg.n_fft,
+            cfg.win_length,
+            cfg.hop_length,
+            cfg.n_mels,
+            cfg.f_min,
+            cfg.f_max,
+        )
+        self.norm = nn.BatchNorm1d(cfg.n_mels)
+        self.spec_augment = SpecAugment(cfg.freq_mask, cfg.time_mask, cfg.num_masks)
+        self.body = ResNetBody(1, list(cfg.widths), cfg.blocks_per_stage)
+        self.head = ClassifierHead(self.body.out_features, cfg.num_classes, cfg.dropout)
 
     def forward(self, wave: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.features(wave))  # (B, n_mels, frames)
         x = self.spec_augment(x).unsqueeze(1)  # (B, 1, n_mels, frames)
-        return self.head(self.dropout(self.body(x)))  # (B, num_classes)
+        return self.head(self.body(x))  # (B, num_classes)

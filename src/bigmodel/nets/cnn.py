@@ -1,10 +1,39 @@
-"""A small ResNet for images, and for spectrograms seen as 1-channel images."""
+"""A small ResNet for images, and its body and classifier head, which the audio CNN reuses for
+spectrograms seen as 1-channel images."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bigmodel.nets.layers import build_config, load_old_names
+
+
+def check_num_classes(num_classes: int) -> None:
+    """Refuse a classifier of fewer than 2 classes (the configs of CNN and AudioCNN)."""
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got num_classes={num_classes}")
+
+
+@dataclass
+class CNNConfig:
+    num_classes: int
+    """Number of classes; filled from the data module when left as `???`."""
+    in_channels: int = 3
+    """Image channels (1 grey, 3 RGB); filled from the data module when left as `???`."""
+    widths: list[int] | tuple[int, ...] = (32, 64, 128)
+    """Channels per stage; every stage after the first halves the resolution."""
+    blocks_per_stage: int = 1
+    """Basic blocks (two 3x3 convs and a shortcut) per stage."""
+    dropout: float = 0.0
+    """Dropout on the pooled features, before the output layer."""
+
+    def __post_init__(self) -> None:
+        check_num_classes(self.num_classes)
 
 
 class BasicBlock(nn.Module):
@@ -32,7 +61,8 @@ class BasicBlock(nn.Module):
 
 
 class ResNetBody(nn.Module):
-    """(B, C, H, W) -> (B, widths[-1]): stem, stages (stride 2 after the first), mean pooling."""
+    """(B, C, H, W) -> feature maps (B, widths[-1], H', W'): stem, stages (stride 2 after the
+    first)."""
 
     def __init__(self, in_channels: int, widths: list[int], blocks_per_stage: int = 1) -> None:
         super().__init__()
@@ -55,31 +85,38 @@ class ResNetBody(nn.Module):
         self.out_features = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.stem(x))  # (B, C', H', W')
+        return self.blocks(self.stem(x))  # (B, C', H', W')
+
+
+class ClassifierHead(nn.Module):
+    """Feature maps (B, C, H, W) -> class logits (B, num_classes): global average pooling,
+    dropout, Linear."""
+
+    def __init__(self, in_features: int, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_features, num_classes)
+        # Checkpoints written before this class hold the Linear as the net's `head` itself.
+        load_old_names(self, {"weight": "fc.weight", "bias": "fc.bias"})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Global average pooling: any input size works, down to 1x1 after the strides.
-        return x.mean(dim=(2, 3))  # (B, C')
+        x = x.mean(dim=(2, 3))  # (B, C)
+        return self.fc(self.dropout(x))  # (B, num_classes)
 
 
 class CNN(nn.Module):
     """Images (B, in_channels, H, W) -> class logits (B, num_classes)."""
 
-    def __init__(
-        self,
-        num_classes: int,
-        in_channels: int = 3,
-        widths: list[int] | tuple[int, ...] = (32, 64, 128),
-        blocks_per_stage: int = 1,
-        dropout: float = 0.0,
-    ) -> None:
+    config_class = CNNConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """`CNN(CNNConfig(...))`, or CNNConfig's fields: `CNN(10, in_channels=1)`."""
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(
-                f"a classifier needs at least 2 classes, got num_classes={num_classes}"
-            )
-        self.num_classes = num_classes
-        self.body = ResNetBody(in_channels, list(widths), blocks_per_stage)
-        self.dropout = nn.Dropout(dropout)
-        self.head = nn.Linear(self.body.out_features, num_classes)
+        self.config = cfg = build_config(CNNConfig, args, kwargs)
+        self.num_classes = cfg.num_classes
+        self.body = ResNetBody(cfg.in_channels, list(cfg.widths), cfg.blocks_per_stage)
+        self.head = ClassifierHead(self.body.out_features, cfg.num_classes, cfg.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.dropout(self.body(x)))  # (B, num_classes)
+        return self.head(self.body(x))  # (B, num_classes)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -15,6 +16,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bigmodel.errors import UserError
+from bigmodel.nets import layers
+from bigmodel.nets.layers import build_config
 
 
 def check_sampling(
@@ -42,8 +45,11 @@ class GPTConfig:
     block_size: int = 1024
     """Longest context the position embedding covers."""
     n_layer: int = 12
+    """Transformer blocks."""
     n_head: int = 12
+    """Attention heads per block; each is n_embd / n_head wide."""
     n_embd: int = 768
+    """Width of the residual stream (the embeddings)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches (0 for pre-training)."""
     bias: bool = True
@@ -62,51 +68,12 @@ class GPTConfig:
                 raise ValueError(f"model.net.{name} must be positive, got {getattr(self, name)}")
 
 
-class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension for SDPA
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, nh, T, hs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.proj(y))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate="tanh")))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class Block(layers.Block):
+    """GPT's block: causal self-attention with one fused qkv projection, a 4x MLP with GPT-2's
+    tanh-approximated GELU."""
 
     def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.mlp = MLP(cfg)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        super().__init__(cfg.n_embd, cfg.n_head, 4, cfg.dropout, cfg.bias, causal=True, gelu="tanh")
 
 
 class GPT(nn.Module):
@@ -114,10 +81,10 @@ class GPT(nn.Module):
 
     config_class = GPTConfig
 
-    def __init__(self, config: GPTConfig | None = None, **kwargs) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """`GPT(GPTConfig(...))`, or GPTConfig's fields: `GPT(vocab_size=65, n_layer=4)`."""
         super().__init__()
-        cfg = config or GPTConfig(**kwargs)
-        self.config = cfg
+        self.config = cfg = build_config(GPTConfig, args, kwargs)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)

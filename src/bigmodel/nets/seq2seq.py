@@ -1,10 +1,10 @@
 """An encoder-decoder transformer for translation, with batched greedy and beam search.
 
-Pre-norm blocks, attention through `scaled_dot_product_attention`, sinusoidal positions (no
-length limit), embeddings shared between encoder and decoder and/or tied to the output layer by
-config. Decoding runs one token a step over a key/value cache: each decoder layer keeps the keys
-and values of the tokens generated so far, and the cross-attention keys and values of the source,
-computed once.
+Pre-norm blocks (nets/layers.py), attention through `scaled_dot_product_attention`, sinusoidal
+positions (no length limit), embeddings shared between encoder and decoder and/or tied to the
+output layer by config. Decoding runs one token a step over a key/value cache: each decoder layer
+keeps the keys and values of the tokens generated so far, and the cross-attention keys and values
+of the source, computed once.
 
 The search functions (`greedy_search`, `beam_search`) only need a `step` function mapping the last
 token of each row to next-token log-probabilities, and a `reorder` of the decoding state; any
@@ -16,11 +16,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from bigmodel.nets.layers import Block, build_config
 
 
 @dataclass
@@ -28,16 +31,27 @@ class Seq2SeqConfig:
     src_vocab_size: int = 1000
     """Source token ids; filled from the tokenizer by the data module when left as `???`."""
     tgt_vocab_size: int = 1000
+    """Target token ids; filled like src_vocab_size."""
     pad_id: int = 0
+    """Padding id of both sides: never attended to, its embedding row stays zero at init."""
     bos_id: int = 1
+    """Id each target starts with (and decoding starts from)."""
     eos_id: int = 2
+    """Id that ends a target; decoding stops at it."""
     n_embd: int = 256
+    """Width of the tokens."""
     n_head: int = 4
+    """Attention heads per attention layer; each is n_embd / n_head wide."""
     n_enc_layer: int = 3
+    """Encoder blocks."""
     n_dec_layer: int = 3
+    """Decoder blocks (causal self-attention, cross-attention to the encoder output, MLP)."""
     mlp_ratio: int = 4
+    """Hidden width of each block's MLP, in multiples of n_embd."""
     dropout: float = 0.1
+    """Dropout on the embeddings, attention weights and residual branches."""
     bias: bool = True
+    """Bias in Linear and LayerNorm layers."""
     share_embeddings: bool = True
     """One embedding table for encoder and decoder (needs a shared source/target vocabulary)."""
     tie_output: bool = True
@@ -75,92 +89,15 @@ def sinusoids(positions: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([angle.sin(), angle.cos()], dim=-1)
 
 
-class Attention(nn.Module):
-    """Multi-head attention; self-attention when `kv` is None, else cross-attention to `kv`."""
-
-    def __init__(self, cfg: Seq2SeqConfig) -> None:
-        super().__init__()
-        self.n_head, C = cfg.n_head, cfg.n_embd
-        self.q = nn.Linear(C, C, bias=cfg.bias)
-        self.kv = nn.Linear(C, 2 * C, bias=cfg.bias)
-        self.proj = nn.Linear(C, C, bias=cfg.bias)
-        self.dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def heads(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape  # (B, T, C) -> (B, nh, T, hs): heads become a batch dimension for SDPA
-        return x.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-
-    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        k, v = self.kv(x).chunk(2, dim=-1)
-        return self.heads(k), self.heads(v)  # 2 x (B, nh, S, hs)
-
-    def attend(self, x, k, v, mask=None, is_causal=False) -> torch.Tensor:
-        B, T, C = x.shape
-        y = F.scaled_dot_product_attention(
-            self.heads(self.q(x)),
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-        )  # (B, nh, T, hs)
-        return self.resid_dropout(self.proj(y.transpose(1, 2).contiguous().view(B, T, C)))
-
-
-class MLP(nn.Module):
-    def __init__(self, cfg: Seq2SeqConfig) -> None:
-        super().__init__()
-        self.fc = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
-
-
-class EncoderBlock(nn.Module):
-    def __init__(self, cfg: Seq2SeqConfig) -> None:
-        super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), Attention(cfg)
-        self.ln_2, self.mlp = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), MLP(cfg)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        h = self.ln_1(x)
-        x = x + self.attn.attend(h, *self.attn.keys_values(h), mask=mask)
-        return x + self.mlp(self.ln_2(x))
-
-
-class DecoderBlock(nn.Module):
-    """Causal self-attention, cross-attention to the encoder output, MLP; each pre-norm."""
-
-    def __init__(self, cfg: Seq2SeqConfig) -> None:
-        super().__init__()
-        self.ln_1, self.self_attn = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), Attention(cfg)
-        self.ln_2, self.cross_attn = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), Attention(cfg)
-        self.ln_3, self.mlp = nn.LayerNorm(cfg.n_embd, bias=cfg.bias), MLP(cfg)
-
-    def forward(self, x, memory_kv, src_mask, cache: dict | None = None) -> torch.Tensor:
-        h = self.ln_1(x)
-        k, v = self.self_attn.keys_values(h)
-        if cache is None:  # training / scoring: all target positions at once, causally masked
-            x = x + self.self_attn.attend(h, k, v, is_causal=True)
-        else:  # decoding one new token: attend to every cached earlier token, no mask needed
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
-            x = x + self.self_attn.attend(h, k, v)
-        x = x + self.cross_attn.attend(self.ln_2(x), *memory_kv, mask=src_mask)
-        return x + self.mlp(self.ln_3(x))
-
-
 class Seq2SeqTransformer(nn.Module):
     """Source ids (B, S) and target input ids (B, T) -> next-token logits (B, T, tgt_vocab_size)."""
 
-    def __init__(self, config: Seq2SeqConfig | None = None, **kwargs) -> None:
+    config_class = Seq2SeqConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """`Seq2SeqTransformer(Seq2SeqConfig(...))`, or Seq2SeqConfig's fields by name."""
         super().__init__()
-        cfg = config or Seq2SeqConfig(**kwargs)
-        self.config = cfg
+        self.config = cfg = build_config(Seq2SeqConfig, args, kwargs)
         self.src_emb = nn.Embedding(cfg.src_vocab_size, cfg.n_embd, padding_idx=cfg.pad_id)
         self.tgt_emb = (
             self.src_emb
@@ -168,9 +105,15 @@ class Seq2SeqTransformer(nn.Module):
             else nn.Embedding(cfg.tgt_vocab_size, cfg.n_embd, padding_idx=cfg.pad_id)
         )
         self.drop = nn.Dropout(cfg.dropout)
-        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.n_enc_layer))
+        # Every attention projects queries (q) and keys/values (kv) apart, as cross-attention must.
+        block = partial(
+            Block, cfg.n_embd, cfg.n_head, cfg.mlp_ratio, cfg.dropout, cfg.bias, fused_qkv=False
+        )
+        self.encoder = nn.ModuleList(block() for _ in range(cfg.n_enc_layer))
         self.ln_enc = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.n_dec_layer))
+        self.decoder = nn.ModuleList(
+            block(causal=True, cross_attention=True) for _ in range(cfg.n_dec_layer)
+        )
         self.ln_dec = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.tgt_vocab_size, bias=False)
         self.apply(self._init_weights)
@@ -203,7 +146,7 @@ class Seq2SeqTransformer(nn.Module):
         mask = (src != self.config.pad_id)[:, None, None, :]
         x = self.embed(self.src_emb, src)
         for block in self.encoder:
-            x = block(x, mask)
+            x = block(x, mask)  # padding keys masked, no causal mask
         return self.ln_enc(x), mask
 
     def forward_flops(self, batch_size: int, src_len: int, tgt_len: int) -> int:
@@ -226,7 +169,7 @@ class Seq2SeqTransformer(nn.Module):
         memory, mask = self.encode(src)
         x = self.embed(self.tgt_emb, tgt)
         for block in self.decoder:
-            x = block(x, block.cross_attn.keys_values(memory), mask)
+            x = block(x, memory_kv=block.cross_attn.keys_values(memory), memory_mask=mask)
         return self.lm_head(self.ln_dec(x))  # (B, T, V)
 
     # ------------------------------------------------------------------------------ decoding
@@ -244,7 +187,7 @@ class Seq2SeqTransformer(nn.Module):
         """last (N,) token ids -> next-token log-probabilities (N, V); extends the caches."""
         x = self.embed(self.tgt_emb, last[:, None], start=state["t"])  # (N, 1, C)
         for block, mem, cache in zip(self.decoder, state["mem"], state["cache"], strict=True):
-            x = block(x, mem, state["mask"], cache)
+            x = block(x, memory_kv=mem, memory_mask=state["mask"], cache=cache)
         state["t"] += 1
         return F.log_softmax(self.lm_head(self.ln_dec(x[:, 0])).float(), dim=-1), state
 

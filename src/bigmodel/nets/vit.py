@@ -1,31 +1,42 @@
 """A Vision Transformer: patches -> tokens -> pre-norm transformer blocks -> class logits.
 
-The blocks follow the GPT's style (pre-norm, SDPA, GELU MLP) without the causal mask: every patch
-attends to every other.
+The blocks are the pre-norm blocks of nets/layers.py (SDPA, GELU MLP), as in the GPT but without
+the causal mask: every patch attends to every other.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from bigmodel.nets import layers
+from bigmodel.nets.layers import build_config, load_old_names
 
 
 @dataclass
 class ViTConfig:
     num_classes: int = 10
+    """Number of classes; filled from the data module when left as `???`."""
     in_channels: int = 3
+    """Image channels (1 grey, 3 RGB); filled from the data module when left as `???`."""
     image_size: int = 32
     """Side of the (square) input images; filled from the data module when left as `???`."""
     patch_size: int = 4
+    """Side of the square patches that become tokens; must divide image_size."""
     n_layer: int = 6
+    """Transformer blocks."""
     n_head: int = 4
+    """Attention heads per block; each is n_embd / n_head wide."""
     n_embd: int = 128
+    """Width of the tokens."""
     mlp_ratio: int = 4
+    """Hidden width of each block's MLP, in multiples of n_embd."""
     dropout: float = 0.0
+    """Dropout on the embeddings, attention weights and residual branches."""
     pool: str = "cls"
     """`cls`: classify from a learned class token; `mean`: from the mean of the patch tokens."""
     activation_checkpointing: bool = False
@@ -50,52 +61,25 @@ class ViTConfig:
             )
 
 
-class SelfAttention(nn.Module):
-    def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.n_head, self.dropout = cfg.n_head, cfg.dropout
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
-        self.resid_dropout = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # 3 x (B, T, C)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0
-        )
-        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
-        return self.resid_dropout(self.proj(y))
-
-
-class Block(nn.Module):
-    """Pre-norm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+class Block(layers.Block):
+    """ViT's block: self-attention over all patches (no mask) with one fused qkv projection, an
+    MLP with the exact GELU; biases everywhere."""
 
     def __init__(self, cfg: ViTConfig) -> None:
-        super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.n_embd)
-        self.attn = SelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.n_embd)
-        self.mlp = nn.Sequential(
-            nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd),
-            nn.GELU(),
-            nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd),
-            nn.Dropout(cfg.dropout),
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        super().__init__(cfg.n_embd, cfg.n_head, cfg.mlp_ratio, cfg.dropout)
+        # Checkpoints written before the shared MLP hold it as Sequential(fc, GELU, proj, dropout).
+        load_old_names(self.mlp, {"0.": "fc.", "2.": "proj."})
 
 
 class ViT(nn.Module):
     """Images (B, in_channels, H, W) -> class logits (B, num_classes)."""
 
-    def __init__(self, config: ViTConfig | None = None, **kwargs) -> None:
+    config_class = ViTConfig
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """`ViT(ViTConfig(...))`, or ViTConfig's fields: `ViT(num_classes=10, image_size=8)`."""
         super().__init__()
-        cfg = config or ViTConfig(**kwargs)
-        self.config = cfg
+        self.config = cfg = build_config(ViTConfig, args, kwargs)
         self.num_classes = cfg.num_classes
         n_patches = (cfg.image_size // cfg.patch_size) ** 2
         # A strided conv is the patch embedding: each patch_size x patch_size patch -> one token.

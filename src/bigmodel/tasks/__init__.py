@@ -1,4 +1,5 @@
-"""LightningModules, one per kind of learning. They know nets only by their forward signature."""
+"""LightningModules, one per kind of learning. They know nets through the Protocols of
+bigmodel.tasks.protocols: what each task calls on its net, and nothing else."""
 
 from bigmodel.tasks.base import Task
 from bigmodel.tasks.classification import Classifier

@@ -12,7 +12,7 @@ import lightning as L
 import torch
 import torch.nn as nn
 
-from bigmodel.callbacks import batch_size
+from bigmodel.batches import batch_size
 from bigmodel.optim import param_groups
 
 log = logging.getLogger("bigmodel")
@@ -22,7 +22,8 @@ class Task(L.LightningModule):
     """A LightningModule around a plain `net`.
 
     Args:
-        net: the torch module that maps inputs to outputs; the task owns loss and metrics.
+        net: the torch module that maps inputs to outputs; the task owns loss and metrics. What
+            each task needs of it is written in bigmodel.tasks.protocols.
         optimizer: a partial optimizer (`_partial_: true` in its config) awaiting parameters.
         scheduler: Lightning's lr-scheduler dict whose `scheduler` entry is a partial awaiting the
             optimizer, e.g. {"scheduler": partial(WarmupCosineLR, ...), "interval": "step"}.

@@ -23,7 +23,9 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from bigmodel.media import log_figure
 from bigmodel.tasks.base import Task
+from bigmodel.tasks.protocols import ClassifierNet
 
 log = logging.getLogger("bigmodel")
 
@@ -53,7 +55,7 @@ class Classifier(Task):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: ClassifierNet,
         num_classes: int,
         optimizer: functools.partial | None = None,
         scheduler: dict | None = None,
@@ -117,15 +119,7 @@ class Classifier(Task):
         png = out / "confusion_matrix.png"
         fig.savefig(png, dpi=100, bbox_inches="tight")
         log.info(f"confusion matrix: {png}")
-        step = trainer.global_step
-        for logger in trainer.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(logger, "log_image"):  # W&B
-                logger.log_image("test/confusion_matrix", images=[str(png)], step=step)
-            elif hasattr(exp, "add_figure"):  # TensorBoard
-                exp.add_figure("test/confusion_matrix", fig, global_step=step, close=False)
-            elif hasattr(exp, "log_artifact") and getattr(logger, "run_id", None):  # MLflow
-                exp.log_artifact(logger.run_id, str(png))
+        log_figure(trainer.loggers, "test/confusion_matrix", fig, png, trainer.global_step)
         import matplotlib.pyplot as plt
 
         plt.close(fig)

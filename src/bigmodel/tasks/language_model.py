@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.text import Perplexity
 
@@ -13,14 +13,32 @@ from bigmodel.data.tokenizers import CharTokenizer
 from bigmodel.errors import UserError
 from bigmodel.nets.gpt import check_sampling
 from bigmodel.tasks.base import Task
+from bigmodel.tasks.protocols import CountsTokenFlops, LanguageNet
 
 
 class LanguageModel(Task):
     """Cross-entropy language modelling with `*/loss` and `val/ppl`, `test/ppl` (torchmetrics)."""
 
+    @dataclass
+    class Generation:
+        """generate.py's keys for a language model (configs/generate.yaml has the defaults)."""
+
+        prompt: str = field(default="", metadata={"example": 'prompt="The"'})
+        """The text to continue; "" starts from the start token (a newline, else a space)."""
+        max_new_tokens: int = 200
+        """Tokens sampled after the prompt."""
+        temperature: float = 0.8
+        """0 decodes greedily; higher samples more randomly."""
+        top_k: int | None = 50
+        """Sample only from the k most likely tokens (None: from all)."""
+        num_samples: int = 1
+        """Continuations of the one prompt."""
+        seed: int | None = 1337
+        """Seeds the sampling (None: unseeded)."""
+
     def __init__(
         self,
-        net: nn.Module,
+        net: LanguageNet,
         optimizer: functools.partial | None = None,
         scheduler: dict | None = None,
         compile: bool = False,
@@ -28,10 +46,6 @@ class LanguageModel(Task):
         super().__init__(net, optimizer, scheduler, compile)
         self.val_ppl = Perplexity()
         self.test_ppl = Perplexity()
-
-    @property
-    def block_size(self) -> int:
-        return self.net.block_size
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.net(idx)
@@ -44,7 +58,7 @@ class LanguageModel(Task):
 
     def forward_flops(self, batch) -> int | None:
         # GPT's closed form (PaLM's 6N + 12 L C T per token for forward + backward): a third
-        if not hasattr(self.net, "flops_per_token"):
+        if not isinstance(self.net, CountsTokenFlops):
             return super().forward_flops(batch)
         x = batch[0]
         return self.net.flops_per_token(x.shape[1]) * x.numel() // 3
@@ -99,6 +113,18 @@ class LanguageModel(Task):
         finally:
             self.train(was_training)
         return [tokenizer.decode(row[skip:].tolist()) for row in out]
+
+    def generate_texts(self, tokenizer, options: LanguageModel.Generation) -> list[str]:
+        """generate.py: `options.num_samples` continuations of `options.prompt`, in order."""
+        return self.generate_text(
+            options.prompt,
+            tokenizer,
+            max_new_tokens=options.max_new_tokens,
+            temperature=options.temperature,
+            top_k=options.top_k,
+            num_samples=options.num_samples,
+            seed=options.seed,
+        )
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:

@@ -13,6 +13,7 @@ import torch.nn as nn
 from torchmetrics import MeanAbsoluteError, MeanSquaredError, MetricCollection, R2Score
 
 from bigmodel.tasks.base import Task
+from bigmodel.tasks.protocols import RegressionNet
 
 
 def regression_metrics() -> MetricCollection:
@@ -33,7 +34,7 @@ class Regressor(Task):
 
     def __init__(
         self,
-        net: nn.Module,
+        net: RegressionNet,
         optimizer: functools.partial | None = None,
         scheduler: dict | None = None,
         compile: bool = False,

@@ -1,15 +1,17 @@
 """Sequence to sequence learning: label-smoothed cross-entropy, decoding, BLEU and chrF.
 
-The net is any module with `forward(src (B, S), tgt_in (B, T)) -> logits (B, T, V)` and
-`translate(src, beam_size, length_penalty, max_len_ratio, max_len_offset) -> list of id lists`.
-Batches are dicts with `src`, `tgt` (bos + ids + eos) and the raw `src_text` / `tgt_text`; text
-goes through the data module's tokenizer (`encode` source, `decode` target).
+The net is any module with the members of `Seq2SeqNet` (bigmodel.tasks.protocols): `forward(src
+(B, S), tgt_in (B, T)) -> logits (B, T, V)`, `translate(src, beam_size, length_penalty,
+max_len_ratio, max_len_offset) -> list of id lists` and `config.pad_id`. Batches are dicts with
+`src`, `tgt` (bos + ids + eos) and the raw `src_text` / `tgt_text`; text goes through the data
+module's tokenizer (`encode` source, `decode` target).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -18,7 +20,9 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_only
 from torchmetrics.text import CHRFScore, Perplexity, SacreBLEUScore
 
+from bigmodel.media import log_text
 from bigmodel.tasks.base import Task
+from bigmodel.tasks.protocols import CountsForwardFlops, Seq2SeqNet
 
 log = logging.getLogger("bigmodel")
 
@@ -36,9 +40,24 @@ class Seq2Seq(Task):
         num_examples: source / reference / hypothesis triples shown after each validation.
     """
 
+    @dataclass
+    class Generation:
+        """generate.py's keys for a translation model (configs/generate.yaml has the defaults)."""
+
+        text: list[str] = field(
+            metadata={"example": 'text="a sentence" (or a list: \'text=["one","two"]\')'}
+        )
+        """The sentences to translate, one output each, in order."""
+        beam_size: int | None = 4
+        """Beams; 1 (or None) decodes greedily."""
+        length_penalty: float | None = None
+        """Beam scores are log-probability / length ** length_penalty (None: the model's)."""
+        max_len_ratio: float | None = None
+        """Outputs stop at max_len_ratio x source tokens + an offset (None: the model's)."""
+
     def __init__(
         self,
-        net: nn.Module,
+        net: Seq2SeqNet,
         optimizer: functools.partial | None = None,
         scheduler: dict | None = None,
         compile: bool = False,
@@ -93,11 +112,10 @@ class Seq2Seq(Task):
 
     def forward_flops(self, batch) -> int | None:
         """The teacher-forced forward of `_loss`, in the net's closed form (None without one)."""
-        count = getattr(self.net, "forward_flops", None)
-        if count is None:
+        if not isinstance(self.net, CountsForwardFlops):
             return None
         src, tgt = batch["src"], batch["tgt"]
-        return count(src.shape[0], src.shape[1], tgt.shape[1] - 1)
+        return self.net.forward_flops(src.shape[0], src.shape[1], tgt.shape[1] - 1)
 
     def eval_flops(self, batch) -> int | None:
         # validation and test also decode (greedy or beam search), whose work no formula here
@@ -140,6 +158,16 @@ class Seq2Seq(Task):
             out += [tokenizer.decode(row) for row in hyp]
         self.train(was_training)
         return out
+
+    def generate_texts(self, tokenizer, options: Seq2Seq.Generation) -> list[str]:
+        """generate.py: the translation of each of `options.text`, in order."""
+        return self.translate(
+            list(options.text),
+            tokenizer,
+            beam_size=options.beam_size or 1,
+            length_penalty=options.length_penalty,
+            max_len_ratio=options.max_len_ratio,
+        )
 
     def _eval_step(self, batch, split: str, beam_size: int) -> None:
         loss, nll, logits, y = self._loss(batch)
@@ -194,14 +222,11 @@ class Seq2Seq(Task):
             path = Path(self.trainer.default_root_dir) / "samples.txt"
             with open(path, "a", encoding="utf-8") as f:
                 f.write(f"--- step {step} ---\n{text}")
-        for logger in self.trainer.loggers:
-            exp = getattr(logger, "experiment", None)
-            if hasattr(exp, "add_text"):  # TensorBoard
-                exp.add_text("val/translations", text.replace("\n", "  \n"), global_step=step)
-            elif hasattr(logger, "log_text"):  # W&B
-                logger.log_text(
-                    "val/translations",
-                    columns=["source", "reference", "hypothesis"],
-                    data=[list(e) for e in self.examples],
-                    step=step,
-                )
+        log_text(
+            self.trainer.loggers,
+            "val/translations",
+            text.replace("\n", "  \n"),  # Markdown: a line break per line
+            step,
+            columns=("source", "reference", "hypothesis"),
+            rows=self.examples,
+        )

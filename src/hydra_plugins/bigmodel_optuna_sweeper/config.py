@@ -2,7 +2,7 @@
 
 The keys follow Hydra's own Optuna sweeper (n_trials, direction, sampler, params, storage,
 study_name, n_jobs) so its configs carry over; pruner, max_trials_per_run and the heartbeat
-settings are ours.
+settings are ours. `bigmodel.sweep.OptunaSweep` takes this dataclass as its settings.
 """
 
 from dataclasses import dataclass, field
@@ -76,6 +76,10 @@ class HyperbandPrunerConf:
 @dataclass
 class BigmodelOptunaSweeperConf:
     _target_: str = "hydra_plugins.bigmodel_optuna_sweeper.sweeper.BigmodelOptunaSweeper"
+    # Hydra hands the sweeper plain values, the sampler and pruner as their configs: the sweep
+    # builds them itself (a resumed study reseeds its sampler, each trial builds the pruner)
+    _recursive_: bool = False
+    _convert_: str = "all"
     defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
 
     sampler: Any = MISSING

@@ -6,17 +6,14 @@ from typing import Any
 
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from .config import BigmodelOptunaSweeperConf  # noqa: F401  (registers the configs)
+from .config import BigmodelOptunaSweeperConf
 
 
 class BigmodelOptunaSweeper(Sweeper):
     def __init__(self, **settings: Any) -> None:
-        # Hydra hands over the sampler and pruner already built; the sweep rebuilds them from
-        # hydra.sweeper in the config (a resumed study reseeds its sampler)
-        for key in ("defaults", "sampler", "pruner"):
-            settings.pop(key, None)
+        # hydra.sweeper as plain values (see BigmodelOptunaSweeperConf: _recursive_, _convert_)
         self.settings = settings
 
     def setup(
@@ -31,11 +28,7 @@ class BigmodelOptunaSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> Any:
         # imported here: Hydra imports every plugin module on start, and Optuna takes a while
-        from bigmodel.sweep import OptunaSweep, SweepSettings
+        from bigmodel.sweep import OptunaSweep
 
-        settings = {
-            k: OmegaConf.to_container(v, resolve=True) if isinstance(v, DictConfig) else v
-            for k, v in self.settings.items()
-        }
-        sweep = OptunaSweep(SweepSettings(**settings), self.config, self.launcher)
+        sweep = OptunaSweep(BigmodelOptunaSweeperConf(**self.settings), self.config, self.launcher)
         return sweep.run(list(arguments))
