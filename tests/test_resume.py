@@ -74,14 +74,8 @@ def tensors(tree) -> list[torch.Tensor]:
 
 
 def counters(ckpt: dict) -> dict:
-    """Lightning's loop state, without the `ready` / `started` counts of epochs: resumed from
-    an epoch's last batch, Lightning 2.6 does not count the next epoch as ready and started (its
-    restart stage still says mid-epoch). Nothing but its restart logic reads them, and that
-    looks at their differences, which come out the same (`completed` is the epoch number)."""
-    loops = {k: v for k, v in ckpt["loops"]["fit_loop"].items() if k != "epoch_progress"}
-    epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]
-    done = {part: {k: epochs[part][k] for k in ("processed", "completed")} for part in epochs}
-    return {**loops, "epoch_progress": done}
+    """Lightning's loop state: batch, step and epoch counts (ready, started, processed, done)."""
+    return ckpt["loops"]["fit_loop"]
 
 
 def assert_same_end(full: Path, resumed: Path, since: int, metrics=("train/loss",)) -> None:
@@ -124,6 +118,12 @@ def test_gpt_resumes_bitwise_mid_epoch_at_the_epoch_boundary_and_around_validati
     ):
         resumed = resume(tmp_path, args, ckpt, env=ONE_THREAD)
         assert_same_end(full, resumed, since, metrics=("train/loss", "val/loss"))
+        if since == 10:
+            from_boundary = resumed
+    # the checkpoints a resumed run writes resume as well: from epoch 1's last batch, written
+    # by the run resumed from epoch 0's, as a run killed twice at epoch ends is
+    again = resume(tmp_path, args, from_boundary / "steps" / "20.ckpt", env=ONE_THREAD)
+    assert_same_end(full, again, 20, metrics=("train/loss", "val/loss"))
 
 
 @pytest.mark.slow

@@ -34,6 +34,12 @@ class ExactResume(L.Callback):
     sets the loader up on resume, but a run that trains by epochs has its loader set up
     earlier, before the restore (a schedule asks for `trainer.estimated_stepping_batches`), and
     Lightning then skips the hand-over (2.6). It is done here, before the first batch is read.
+
+    3. Resumed from the last batch of an epoch, Lightning (2.6) closes that epoch but does not
+    count the next one as ready and started, since its restart stage still says mid-epoch. The
+    checkpoints that run writes then look like the end of a finished epoch; a run resumed from
+    one of them counts an epoch twice (the epoch number, and the sampler's shuffle, run one
+    ahead). The two counts are made here, so every checkpoint holds the uninterrupted run's.
     """
 
     def __init__(self, seed: int | None = None) -> None:
@@ -51,6 +57,10 @@ class ExactResume(L.Callback):
         fit_loop = trainer.fit_loop
         if fit_loop._combined_loader_states_to_load:  # still pending: see 2. above
             fit_loop._load_combined_loader_states()
+        epochs = fit_loop.epoch_progress.current
+        if fit_loop.restarted_mid_epoch and epochs.started == epochs.processed:  # see 3. above
+            fit_loop.epoch_progress.increment_ready()
+            fit_loop.epoch_progress.increment_started()
         self.reseed(trainer)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
