@@ -115,6 +115,34 @@ def test_audio_folder_resamples_mixes_and_pads(tmp_path):
     assert w.shape == (4000,) and w.dtype == np.float32
 
 
+def test_audio_folder_is_decoded_once_then_memory_mapped_until_a_clip_changes(tmp_path):
+    root, cache = write_wav_folder(tmp_path / "wavs"), tmp_path / "cache"
+
+    def load(sample_rate=16000):
+        kw = {"val_fraction": 0.25, "test_fraction": 0.25, "cache_dir": str(cache)}
+        dm = AudioDataModule(source="folder", root=str(root), sample_rate=sample_rate, **kw)
+        dm.setup()
+        return dm
+
+    def entries():
+        return len(list((cache / "audio_folder").iterdir()))
+
+    first = load()
+    assert entries() == 3  # one a split
+    second = load()
+    assert entries() == 3
+    for s in ("train", "val", "test"):
+        for a, b in zip(first.datasets[s].tensors, second.datasets[s].tensors, strict=True):
+            assert torch.equal(a, b)
+    load(sample_rate=8000)  # another rate: decoded again
+    assert entries() == 6
+    clip = first.files["test"][0]
+    sf.write(clip, tone(1000, 16000, 0.6, 1), 16000)  # one test clip changed
+    changed = load()
+    assert entries() == 7
+    assert not torch.equal(changed.datasets["test"].tensors[0], first.datasets["test"].tensors[0])
+
+
 def test_audio_folder_split_by_speaker(tmp_path):
     write_wav_folder(tmp_path, per_class=8)
     dm = AudioDataModule(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import pickle
 import struct
 
@@ -73,6 +74,43 @@ def test_image_folder_with_seeded_split(tmp_path):
     x, y = dm.data["train"]
     cat = x[y == 0].float().mean(0)[0]
     assert cat[:8, :8].mean() > cat[8:, 8:].mean() + 50
+
+
+def test_image_folder_is_decoded_once_then_memory_mapped_until_a_file_changes(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    root = write_image_folder(tmp_path / "imgs", per_class=4)
+    cache = tmp_path / "cache"
+
+    def load(image_size=16):
+        dm = ImageDataModule(
+            source="folder",
+            root=str(root),
+            image_size=image_size,
+            val_fraction=0.25,
+            test_fraction=0.25,
+            cache_dir=str(cache),
+        )
+        dm.setup()
+        return dm
+
+    def entries():
+        return sorted(p.name for p in (cache / "image_folder").iterdir())
+
+    first = load()
+    assert len(entries()) == 1 and "decoded earlier" not in caplog.text
+    second = load()
+    assert "decoded earlier, memory-mapped" in caplog.text and len(entries()) == 1
+    for s in ("train", "val", "test"):
+        assert torch.equal(first.data[s][0], second.data[s][0])
+        assert torch.equal(first.data[s][1], second.data[s][1])
+    assert second.channels == first.channels == 3 and second.classes == first.classes
+    load(image_size=12)  # another size: decoded again
+    assert len(entries()) == 2
+    img = next(root.rglob("*.png"))
+    Image.new("L", (20, 20), 255).save(img)  # a file changed: decoded again
+    changed = load()
+    assert len(entries()) == 3
+    assert any(not torch.equal(changed.data[s][0], first.data[s][0]) for s in first.data)
 
 
 def test_image_folder_train_val_test_layout_and_grayscale(tmp_path):

@@ -34,6 +34,7 @@ from bigmodel.data.sources.audio_files import (
     speech_commands_files,
     split_files,
 )
+from bigmodel.data.sources.decoded import cached_arrays
 from bigmodel.data.sources.espeak import DIGITS, spoken_digits
 from bigmodel.data.sources.files import (
     LabelledFiles,
@@ -172,15 +173,29 @@ class AudioDataModule(DataModule):
         datasets: dict[str, Dataset] = {}
         for s in SPLITS:
             if self.preload:
-                datasets[s] = TensorDataset(
-                    *decode_clips(files[s], self.sample_rate, self.num_samples, self.on_bad_file)
-                )
+                datasets[s] = TensorDataset(*self._decoded(files[s]))
             else:
                 ok = check_clips(files[s], self.on_bad_file)
                 datasets[s] = ClipFiles(
                     [f for f, _ in ok], [y for _, y in ok], self.sample_rate, self.num_samples
                 )
         return datasets
+
+    def _decoded(self, files: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The clips of one split decoded, once: memory-mapped from the cache afterwards."""
+
+        def decode() -> tuple[dict[str, np.ndarray], dict]:
+            x, y = decode_clips(files, self.sample_rate, self.num_samples, self.on_bad_file)
+            return {"waves": x.numpy(), "labels": y.numpy()}, {"skipped": len(files) - len(y)}
+
+        params = {"sample_rate": self.sample_rate, "num_samples": self.num_samples}
+        params |= {"on_bad_file": self.on_bad_file, "labels": [y for _, y in files]}
+        arrays, meta = cached_arrays(
+            self.cache_dir, "audio_folder", [f for f, _ in files], params, decode
+        )
+        if meta["skipped"] and meta.get("cached"):  # reported file by file when decoded
+            log.warning(f"{meta['skipped']} unreadable clips were skipped when first decoded")
+        return torch.from_numpy(arrays["waves"]), torch.from_numpy(arrays["labels"])
 
     # ------------------------------------------------------------------------------ lifecycle
     def build(self) -> None:

@@ -86,6 +86,7 @@ class ImageDataModule(DataModule):
         random_crop_padding: int = 0,
         hflip: bool = False,
         on_bad_file: str = "error",
+        cache_dir: str | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 1337,
@@ -118,6 +119,8 @@ class ImageDataModule(DataModule):
         self.normalize, self.mean, self.std = normalize, mean, std
         self.random_crop_padding, self.hflip = random_crop_padding, hflip
         self.on_bad_file = on_bad_file
+        # an image folder is decoded once into memory-mapped arrays here (null: every run)
+        self.cache_dir = Path(cache_dir) if cache_dir else None
         self.data: dict[str, Split] = {}
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -130,7 +133,7 @@ class ImageDataModule(DataModule):
             data, self.classes = load_cifar10_source(self.root)
         else:
             data, self.classes, self.channels = load_folder_source(
-                self.root, self.image_size, self.channels, self.on_bad_file
+                self.root, self.image_size, self.channels, self.on_bad_file, self.cache_dir
             )
         return data
 

@@ -7,6 +7,7 @@ validation or test split returns what it has ("train" and "test", or "all").
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import pickle
 import struct
@@ -16,8 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigmodel.data.sources.decoded import cached_arrays
 from bigmodel.data.sources.files import handle_bad_file, scan_class_folders
 from bigmodel.errors import UserError
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 GRAY_MODES = {"1", "L", "LA", "I", "I;16", "F", "P;gray"}
@@ -159,12 +163,17 @@ def load_cifar10_source(root: Path) -> tuple[dict[str, Split], list[str]]:
 
 
 def load_folder_source(
-    root: Path, image_size: int, channels: int | None, on_bad_file: str
+    root: Path,
+    image_size: int,
+    channels: int | None,
+    on_bad_file: str,
+    cache_dir: Path | None = None,
 ) -> tuple[dict[str, Split], list[str], int]:
     """Images of class folders (see `scan_class_folders`) resized to image_size x image_size
-    -> (splits, classes, channels): 1 when every image is grayscale, else 3, unless given."""
-    from PIL import Image
+    -> (splits, classes, channels): 1 when every image is grayscale, else 3, unless given.
 
+    Decoded once: with a cache_dir, later runs memory-map the arrays (`decoded.cached_arrays`).
+    """
     if not root.is_dir():
         raise UserError(
             f"data.root={root} is not a folder; point it at DIR with DIR/train/<class>/*.png "
@@ -172,6 +181,42 @@ def load_folder_source(
         )
     files, classes = scan_class_folders(root, IMAGE_SUFFIXES, "images")
     train_dir = root / "train" if "train" in files else root
+    all_files = [f for fs in files.values() for f, _ in fs]
+    params = {"image_size": image_size, "channels": channels, "on_bad_file": on_bad_file}
+    params["splits"] = {s: len(fs) for s, fs in files.items()}
+
+    def decode() -> tuple[dict[str, np.ndarray], dict]:
+        return decode_folder(files, image_size, channels, on_bad_file)
+
+    arrays, meta = cached_arrays(cache_dir, "image_folder", all_files, params, decode)
+    if meta["skipped"] and meta.get("cached"):  # reported file by file when decoded
+        log.warning(
+            f"{meta['skipped']} unreadable images were skipped when the folder was decoded "
+            "(on_bad_file=skip); they stay out until the folder changes"
+        )
+    out: dict[str, Split] = {}
+    for split in files:
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if split in ("train", "all"):
+            empty = sorted(set(range(len(classes))) - set(np.unique(labels).tolist()))
+            if empty:
+                raise UserError(
+                    f"class folder {train_dir / classes[empty[0]]} has no readable images; add "
+                    "images or remove the folder"
+                )
+        out[split] = (torch.from_numpy(images), torch.from_numpy(labels))
+    return out, classes, int(meta["channels"])
+
+
+def decode_folder(
+    files: dict[str, list[tuple[Path, int]]],
+    image_size: int,
+    channels: int | None,
+    on_bad_file: str,
+) -> tuple[dict[str, np.ndarray], dict]:
+    """Every readable image, resized -> ({<split>_images (N, C, H, W), <split>_labels (N,)},
+    {"channels": C, "skipped": number of unreadable files})."""
+    from PIL import Image
 
     def mode(path: Path) -> str | None:
         try:
@@ -203,23 +248,17 @@ def load_folder_source(
             return None
         return a[None] if channels == 1 else a.transpose(2, 0, 1)  # (C, H, W)
 
-    out: dict[str, Split] = {}
+    arrays: dict[str, np.ndarray] = {}
+    skipped = 0
     for split, fs in files.items():
         with ThreadPoolExecutor(workers) as pool:
-            arrays = list(pool.map(decode, [f for f, _ in fs]))
-        keep = [(a, y) for a, (_, y) in zip(arrays, fs, strict=True) if a is not None]
-        if split in ("train", "all"):
-            empty = sorted(set(range(len(classes))) - {y for _, y in keep})
-            if empty:
-                raise UserError(
-                    f"class folder {train_dir / classes[empty[0]]} has no readable images; add "
-                    "images or remove the folder"
-                )
-        images = (
+            decoded = list(pool.map(decode, [f for f, _ in fs]))
+        keep = [(a, y) for a, (_, y) in zip(decoded, fs, strict=True) if a is not None]
+        skipped += len(fs) - len(keep)
+        arrays[f"{split}_images"] = (
             np.stack([a for a, _ in keep])
             if keep
             else np.zeros((0, channels, image_size, image_size), np.uint8)
         )
-        labels = np.array([y for _, y in keep], dtype=np.int64)
-        out[split] = (torch.from_numpy(images), torch.from_numpy(labels))
-    return out, classes, channels
+        arrays[f"{split}_labels"] = np.array([y for _, y in keep], dtype=np.int64)
+    return arrays, {"channels": channels, "skipped": skipped}
