@@ -154,6 +154,20 @@ def test_windows_train_random_eval_deterministic(tmp_path):
     assert torch.equal(first, ds.offsets)  # ... reproducibly
 
 
+def test_capped_eval_windows_are_spread_over_the_whole_split():
+    from bigmodel.data.text import StridedWindows
+
+    tokens = np.arange(1001, dtype=np.uint16)  # 100 windows of 10
+    full = StridedWindows(tokens, 10)
+    assert len(full) == 100 and [full[i][0][0].item() for i in (0, 99)] == [0, 990]
+    capped = StridedWindows(tokens, 10, max_windows=4)
+    starts = [capped[i][0][0].item() for i in range(len(capped))]
+    assert starts == [0, 250, 500, 750]  # not the first four: the split's every quarter
+    y = capped[3][1]
+    assert y[0].item() == 751 and len(y) == 10
+    assert len(StridedWindows(tokens, 10, max_windows=500)) == 100
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

@@ -53,18 +53,22 @@ class RandomWindows(Dataset):
 
 
 class StridedWindows(Dataset):
-    """Deterministic, non-overlapping windows for evaluation: every token scored once."""
+    """Deterministic, non-overlapping windows for evaluation: every token scored once.
+
+    max_windows caps the count: the windows kept are spread evenly over the whole split (the
+    same ones at every validation), so a capped estimate still sees all of the text's parts.
+    """
 
     def __init__(self, tokens: np.ndarray, block_size: int, max_windows: int | None = None) -> None:
         self.tokens, self.block_size = tokens, block_size
-        n = (len(tokens) - 1) // block_size
-        self.n = n if max_windows is None else min(n, max_windows)
+        self.total = (len(tokens) - 1) // block_size  # windows in the split
+        self.n = self.total if max_windows is None else min(self.total, max_windows)
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        o = i * self.block_size
+        o = (i * self.total // self.n) * self.block_size  # evenly spread; all when uncapped
         chunk = torch.from_numpy(self.tokens[o : o + self.block_size + 1].astype(np.int64))
         return chunk[:-1], chunk[1:]
 
