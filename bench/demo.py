@@ -1,0 +1,50 @@
+"""The embedded default, `python train.py`, as a newcomer runs it: wall time and what it learnt.
+
+    python bench/demo.py
+
+Prints the whole process' wall time, the validation perplexity at the first and the last
+validation and their ratio, tokens/s, and the last text sample. `--json FILE` writes the
+figures for bench/run.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from common import PY, ROOT, logged, newest_run, timed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("overrides", nargs="*", help="extra train.py overrides")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_demo_"))
+    wall, out = timed([PY, str(ROOT / "train.py"), *args.overrides], {"BIGMODEL_ROOT": str(work)})
+    run = newest_run(work)
+    ppl = logged(run, "val/ppl")
+    tokens = logged(run, "train/device/items_per_sec")
+    sample = out.rsplit("--- sample at step", 1)[-1].split("\n", 1)[-1].split("---")[0].strip()
+    result = {
+        "wall_s": round(wall, 1),
+        "first_val_ppl": round(ppl[0][1], 2),
+        "first_val_step": ppl[0][0],
+        "last_val_ppl": round(ppl[-1][1], 2),
+        "last_val_step": ppl[-1][0],
+        "ppl_ratio": round(ppl[0][1] / ppl[-1][1], 2),
+        "tokens_per_s": round(
+            sum(v for _, v in tokens[len(tokens) // 2 :]) / max(1, len(tokens) - len(tokens) // 2)
+        ),
+        "sample": sample[:300],
+    }
+    for k, v in result.items():
+        print(f"{k:>15}: {v}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Each speed lever of the baby GPT measured against the same run without it.
+
+    python bench/shakespeare.py && python bench/levers.py --data data/shakespeare.txt
+
+Every lever is a `train.py` override on `experiment=baby_gpt` (shortened to `--steps`). Runs
+alternate baseline, lever, baseline, lever, ... so both see the same machine; the table gives
+ms per iteration (ThroughputMonitor's clock, training batches only), whole-process wall and
+the last validation loss of each, and the ratio to the neighbouring baseline.
+`torch.compile` runs once to fill its cache and is measured on the second run (a warm cache).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from baby_gpt import ours  # bench/ is on sys.path when this file runs
+
+LEVERS: dict[str, list[str]] = {
+    "bf16-mixed autocast": ["precision=bf16-mixed"],
+    "torch.compile (warm cache)": ["model.compile=true"],
+    "every validation window": ["data.max_eval_windows=null"],
+    "fused AdamW": ["+optimizer.fused=true"],
+    "foreach AdamW off": ["+optimizer.foreach=false"],
+    "no loss guard (a host sync a step)": ["callbacks.loss_guard=null"],
+    "no progress bar": ["callbacks.rich_progress_bar=null"],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="data/shakespeare.txt")
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--only", nargs="*", help="lever names to run (default: all)")
+    ap.add_argument("--json", help="write the table here")
+    args = ap.parse_args()
+    data = str(Path(args.data).resolve())
+    work = Path(tempfile.mkdtemp(prefix="bench_levers_"))
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work / "inductor"))
+    short = [f"trainer.max_steps={args.steps}", f"trainer.val_check_interval={args.steps // 2}"]
+    rows = []
+    for name, extra in LEVERS.items():
+        if args.only and name not in args.only:
+            continue
+        base = ours(data, work, short)
+        if "model.compile=true" in extra:
+            ours(data, work, [*short, *extra])  # fills the compile cache
+        lever = ours(data, work, [*short, *extra])
+        row = {"lever": name, "overrides": extra, "baseline": base, "with": lever}
+        row["ms_ratio"] = round(lever["ms_per_iter"] / base["ms_per_iter"], 3)
+        row["wall_ratio"] = round(lever["wall_s"] / base["wall_s"], 3)
+        rows.append(row)
+        print(
+            f"{name:<36} ms/it {base['ms_per_iter']:6.1f} -> {lever['ms_per_iter']:6.1f} "
+            f"({row['ms_ratio']:.3f}x)  wall {base['wall_s']:6.1f} -> {lever['wall_s']:6.1f} s "
+            f"({row['wall_ratio']:.3f}x)  val {base['val_loss']:.4f} -> {lever['val_loss']:.4f}",
+            flush=True,
+        )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

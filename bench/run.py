@@ -1,0 +1,193 @@
+"""Every benchmark, one after the other, into one JSON file and the README's performance table.
+
+    python bench/run.py                       # all of them (about 30 minutes on 2 cores)
+    python bench/run.py --only startup demo   # some; the others keep their last figures
+    python bench/run.py --table               # only rewrite the README table from the JSON
+
+Run it on a quiet machine: nothing else should use the CPU meanwhile. Each benchmark is its own
+script in bench/ (run one alone to see its details); this one runs them as subprocesses, keeps
+their figures in bench/results.json with the machine's description (CPU model, cores, torch
+version, date), and rewrites the README's table between its two markers from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results.json"
+README = ROOT / "README.md"
+START, END = "<!-- performance table: bench/run.py -->", "<!-- end of the performance table -->"
+
+# name -> the script and its arguments (each writes its figures with --json FILE)
+BENCHMARKS: dict[str, list[str]] = {
+    "startup": ["startup.py"],
+    "demo": ["demo.py"],
+    "baby_gpt": ["baby_gpt.py", "--pairs", "2"],
+    "levers": ["levers.py"],
+    "lightning_overhead": ["lightning_overhead.py"],
+    "data": ["data_throughput.py"],
+    "inference": ["inference.py"],
+}
+
+
+def machine() -> dict[str, str | int]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count() or 0,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def rows(r: dict) -> list[tuple[str, str, str]]:
+    """(what, command, result) for each figure the JSON holds."""
+    out = []
+    if s := r.get("startup"):
+        out += [
+            (
+                "start-up: one-step run / `import lightning`",
+                "`python bench/startup.py`",
+                f"{s['one_step_s']} s / {s['import_lightning_s']} s = {s['one_step_over_import']}x",
+            ),
+            ("`python train.py --help`", "`python bench/startup.py`", f"{s['help_s']} s"),
+        ]
+    if d := r.get("demo"):
+        out.append(
+            (
+                "default demo, wall incl. start-up",
+                "`python train.py`",
+                f"{d['wall_s']} s; val/ppl {d['first_val_ppl']} at step {d['first_val_step']} -> "
+                f"{d['last_val_ppl']} at step {d['last_val_step']} ({d['ppl_ratio']}x); "
+                f"{d['tokens_per_s']} tokens/s",
+            )
+        )
+    if b := r.get("baby_gpt"):
+        out.append(
+            (
+                "baby GPT against nanoGPT's procedure, whole process",
+                "`python bench/baby_gpt.py`",
+                f"{b['ours_wall_s']} s / {b['ref_wall_s']} s = {b['ratio']}x (median of pairs); "
+                f"val loss {b['ours_val_loss']} / {b['ref_val_loss']}; "
+                f"{b['ours_ms_per_iter']} / {b['ref_ms_per_iter']} ms per iteration",
+            )
+        )
+    for lever in r.get("levers", []):
+        out.append(
+            (
+                f"lever: {lever['lever']}",
+                f"`python bench/levers.py` (`{' '.join(lever['overrides'])}`)",
+                f"ms/iteration x{lever['ms_ratio']}, wall x{lever['wall_ratio']}; val loss "
+                f"{lever['baseline']['val_loss']:.4f} -> {lever['with']['val_loss']:.4f}",
+            )
+        )
+    if o := r.get("lightning_overhead"):
+        out.append(
+            (
+                "Lightning against the plain loop: losses, step time",
+                "`python bench/lightning_overhead.py`",
+                f"{o['identical_losses']} of {o['compared_losses']} losses bit-identical; "
+                f"step time ratio {o['step_time_ratio']}",
+            )
+        )
+    if d := r.get("data"):
+        out.append(
+            (
+                f"image folder of {d['images']} JPEGs: first run, cached run to its first step",
+                "`python bench/data_throughput.py`",
+                f"{d['first_run_wall_s']} s, then {d['cached_one_step_wall_s']} s; "
+                f"CNN {d['cnn_samples_per_s']} samples/s (32x32 RGB)",
+            )
+        )
+    if i := r.get("inference"):
+        q = i["int8"]
+        out += [
+            (
+                "char GPT: eval, generate",
+                "`python bench/inference.py`",
+                f"{i['eval_tokens_per_s']} tokens/s scored, "
+                f"{i['generate_tokens_per_s']} tokens/s sampled",
+            ),
+            (
+                "int8 next to float32 (test ppl, size, speed)",
+                "`python eval.py quantize=int8`",
+                f"ppl {q['fp32_test_ppl']} -> {q['int8_test_ppl']}; {q['fp32_size_mb']} -> "
+                f"{q['int8_size_mb']} MB; {q['speedup']}x",
+            ),
+        ]
+        for k in ("greedy", "beam4"):
+            if t := i.get(f"translation_{k}"):
+                out.append(
+                    (
+                        f"translation decoding, {k}",
+                        "`python bench/translation.py CKPT`",
+                        f"BLEU {t['bleu']}; {t['sentences_per_s']} sentences/s",
+                    )
+                )
+    return out
+
+
+def table(r: dict) -> str:
+    m = r["machine"]
+    lines = [
+        f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']} "
+        "(bench/results.json).",
+        "",
+        "| what | command | result |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(r)]
+    return "\n".join(lines)
+
+
+def write_readme(r: dict) -> None:
+    text = README.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    README.write_text(f"{head}{START}\n{table(r)}\n{END}{tail}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", choices=list(BENCHMARKS), help="run these only")
+    ap.add_argument("--table", action="store_true", help="rewrite the README table only")
+    args = ap.parse_args()
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    if not args.table:
+        for name, (script, *extra) in BENCHMARKS.items():
+            if args.only and name not in args.only:
+                continue
+            print(f"== {name}", flush=True)
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [sys.executable, str(ROOT / "bench" / script), *extra, "--json", f.name]
+                subprocess.run(cmd, cwd=ROOT, check=True)
+                results[name] = json.loads(Path(f.name).read_text())
+            results["machine"] = machine()
+            RESULTS.write_text(json.dumps(results, indent=1) + "\n")  # kept after each one
+    write_readme(results)
+    print(f"wrote {RESULTS.relative_to(ROOT)} and the README table")
+
+
+if __name__ == "__main__":
+    main()
