@@ -92,11 +92,12 @@ def main() -> None:
     ap.add_argument("--max-iters", type=int, default=2000)
     ap.add_argument("--eval-interval", type=int, default=250)
     ap.add_argument("--eval-iters", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=100, help="warm-up iterations (shorter tests)")
     ap.add_argument("--seed", type=int, default=1337)
     args = ap.parse_args()
     t_start = time.perf_counter()
     torch.manual_seed(args.seed)
-    block, batch, warmup, lr, min_lr = 64, 12, 100, 1e-3, 1e-4
+    block, batch, warmup, lr, min_lr = 64, 12, args.warmup, 1e-3, 1e-4
 
     # prepare.py: characters -> uint16 ids, 90 / 10, written once and memory-mapped
     text = Path(args.data).read_text(encoding="utf-8")
