@@ -6,9 +6,10 @@ import csv
 import math
 
 import pytest
+import torch
 
 from bigmodel.run import train
-from tests.conftest import TINY_LM, compose_config
+from tests.conftest import TINY_LM, compose_config, run_cli, run_dirs
 
 # Learning rates that suit a tiny transformer for 40 steps (the configs' defaults suit longer runs).
 LR = {"sgd": 0.5, "momentum": 0.05, "adagrad": 0.05, "rmsprop": 0.003, "adam": 0.01, "adamw": 0.01}
@@ -39,3 +40,15 @@ def test_optimizer_trains(name, tmp_path):
     print(f"{name}: train/loss {first:.3f} -> {last:.3f} (mean of the last 5 of 40 steps)")
     # every option drops by more than 1.2 nats here; one that does not step stays near ln(vocab)
     assert last < first - 0.8, (first, last)
+
+
+@pytest.mark.parametrize("kernel", ["+optimizer.fused=true", "+optimizer.foreach=false"])
+def test_the_optimizer_kernels_a_user_asks_for_are_the_ones_used(kernel, tmp_path):
+    """foreach is our default on CPU; fused=true or foreach=false replaces it, not adds to it."""
+    run_cli("train.py", *TINY_LM, "trainer.max_steps=3", "test=false", kernel, cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    group = ckpt["optimizer_states"][0]["param_groups"][0]
+    key, value = kernel.lstrip("+").split(".")[1].split("=")
+    assert group[key] is (value == "true")
+    assert group["fused" if key == "foreach" else "foreach"] in (None, False)

@@ -76,7 +76,8 @@ class Task(L.LightningModule):
         factory = self.optimizer_factory
         weight_decay = factory.keywords.get("weight_decay", 0.0)
         extra = {}
-        if "foreach" not in factory.keywords and _accepts(factory, "foreach"):
+        asked = {k for k in ("foreach", "fused") if factory.keywords.get(k) is not None}
+        if not asked and _accepts(factory, "foreach"):
             # torch runs its per-tensor loop on CPU unless asked; the multi-tensor kernels are
             # ~10 % faster per step for a transformer's many small tensors (CUDA uses them anyway)
             extra["foreach"] = True
