@@ -148,7 +148,13 @@ def readme_blocks(text: str | None = None) -> list[Block]:
 
 
 # README sections that a test of their own follows (their commands need the files they add)
-OWN_TESTS = {"Extending": "tests/test_extending.py"}
+OWN_TESTS = {
+    "Extending": "tests/test_extending.py",
+    # a GPT-2 folder that transformers writes: tests/test_pretrained.py builds one
+    "Starting from pretrained weights": "tests/test_pretrained.py",
+    # export.py, predict.py and a running serve.py with its client: tests/test_serve.py
+    "Deploying a model": "tests/test_serve.py",
+}
 
 
 def _outside_own_tests(blocks: list[Block]) -> list[Block]:
@@ -369,10 +375,11 @@ def test_the_readme_has_commands_and_every_need_is_still_in_it():
 
 
 def test_every_experiment_is_a_readme_command():
-    """So the README test runs every worked example through the CLI with its own defaults."""
+    """So the README test (or the own test of its section, OWN_TESTS) runs every worked example
+    through the CLI with its own defaults."""
     written = {
         a.split("=", 1)[1]
-        for b in BLOCKS
+        for b in readme_blocks()
         for c in b.commands
         for a in c.argv
         if a.startswith("experiment=")

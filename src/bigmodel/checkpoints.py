@@ -28,6 +28,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from bigmodel.config_checks import typed_keys
 from bigmodel.errors import UserError
+from bigmodel.pretrained import build as build_pretrained
+from bigmodel.pretrained import task_config
 
 log = logging.getLogger("bigmodel")
 
@@ -288,7 +290,9 @@ def restore(ckpt_path: str, data_overrides: DictConfig | None = None):
         cfg.optimizer, cfg.scheduler = None, None
     # the loss the model was trained with, so eval reports the same test/loss
     extra = {"loss": hydra.utils.instantiate(cfg.loss)} if cfg.get("loss") else {}
-    task = hydra.utils.instantiate(cfg.model, **extra)
+    task = hydra.utils.instantiate(task_config(cfg.model), **extra)
+    build_pretrained(cfg.model, task, restoring=True)  # a LoRA net's frozen base
+    task.run_config = OmegaConf.to_container(cfg, resolve=True)  # what it was trained with
     try:
         task.load_state_dict(ckpt["state_dict"])
     except RuntimeError as e:

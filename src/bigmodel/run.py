@@ -50,6 +50,9 @@ from bigmodel.distributed import derive_accumulation
 from bigmodel.errors import UserError, is_multirun, reports_user_errors, root_cause
 from bigmodel.launcher import fresh_process_group, patch_ddp_hydra_launcher
 from bigmodel.loggers import flat_config
+from bigmodel.pretrained import build as build_pretrained
+from bigmodel.pretrained import prepare as prepare_pretrained
+from bigmodel.pretrained import prepare_data, task_config
 from bigmodel.redact import redact
 
 log = logging.getLogger("bigmodel")
@@ -81,7 +84,11 @@ def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.Lightnin
     extra = {}
     if cfg.get("loss"):  # tasks that take more than one loss get it from the `loss` group
         extra["loss"] = hydra.utils.instantiate(cfg.loss)
-    return hydra.utils.instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler, **extra)
+    task = hydra.utils.instantiate(
+        task_config(cfg.model), optimizer=optimizer, scheduler=scheduler, **extra
+    )
+    build_pretrained(cfg.model, task)  # model.init_from's weights, LoRA adapters
+    return task
 
 
 def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
@@ -172,14 +179,16 @@ def _train(cfg: DictConfig) -> float | None:
     absolute_data_paths(cfg.data)
     if ckpt is not None:
         resume_data_config(cfg, ckpt, ckpt_path)
+    prepare_pretrained(cfg)  # model.init_from sizes the net and picks the tokenizer
     for group in ("data", "model", "optimizer", "scheduler", "loss", "callbacks", "logger"):
-        check_types(cfg.get(group), group)
+        check_types(task_config(cfg.model) if group == "model" else cfg.get(group), group)
     check_types(cfg.get("trainer"), "trainer")
     if isinstance(cfg.get("strategy"), DictConfig):
         check_types(cfg.strategy, "strategy")
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    prepare_data(cfg, datamodule)
     if ckpt is not None and type(datamodule).__qualname__ in ckpt:
         datamodule.load_state_dict(ckpt[type(datamodule).__qualname__])
     datamodule.prepare_data()

@@ -77,10 +77,11 @@ class TextDataModule(DataModule):
     """Language-modelling data: text -> tokenizer -> cached token ids -> (x, y) windows.
 
     The text is split contiguously into train / val / test by `splits`; the tokenizer is trained
-    on the training split only. The char vocabulary reserves an unknown character (U+FFFD) for
-    characters the training split lacks: those seen only in val / test are encoded as it, counted
-    in a warning, and scored like any other token, so val/test perplexity stays finite and covers
-    every character. BPE is byte-level and has no unknowns.
+    on the training split only, unless `tokenizer` names the folder of a pretrained one. The char
+    vocabulary reserves an unknown character (U+FFFD) for characters the training split lacks:
+    those seen only in val / test are encoded as it, counted in a warning, and scored like any
+    other token, so val/test perplexity stays finite and covers every character. BPE is
+    byte-level and has no unknowns.
     """
 
     # the windows are drawn at random offsets per epoch already: training reads them in order,
@@ -113,8 +114,14 @@ class TextDataModule(DataModule):
         )
         if block_size is None or block_size <= 0:
             raise UserError(f"the block size must be a positive integer, got {block_size}")
-        if tokenizer not in ("char", "bpe"):
-            raise UserError(f"data.tokenizer={tokenizer} is not one of: char, bpe")
+        # a folder: checked when the tokenizer is read (a checkpoint's own copy needs none)
+        if tokenizer not in ("char", "bpe") and not (
+            os.sep in tokenizer or os.path.isdir(tokenizer)
+        ):
+            raise UserError(
+                f"data.tokenizer={tokenizer} is not one of: char, bpe, or a folder holding a "
+                "pretrained tokenizer (tokenizer.json, or vocab.json + merges.txt)"
+            )
         if len(splits) != 3 or min(splits) < 0 or splits[0] <= 0 or abs(sum(splits) - 1) > 1e-6:
             raise UserError(f"data.splits={list(splits)} must be 3 fractions >= 0 summing to 1")
         self.path, self.text_column, self.tokenizer_kind = path, text_column, tokenizer
@@ -151,6 +158,8 @@ class TextDataModule(DataModule):
         if self.tokenizer is None:
             if self.tokenizer_kind == "char":
                 self.tokenizer = CharTokenizer.train(parts["train"])
+            elif self.tokenizer_kind != "bpe":  # a pretrained model's own tokenizer
+                self.tokenizer = BPETokenizer.from_folder(self.tokenizer_kind)
             else:
                 self.tokenizer = BPETokenizer.train(
                     parts["train"].splitlines(), vocab_size=self.bpe_vocab_size

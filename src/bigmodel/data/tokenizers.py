@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from pathlib import Path
 
 from bigmodel.errors import UserError
 
@@ -81,6 +82,43 @@ class BPETokenizer:
             show_progress=False,
         )
         tok.train_from_iterator(texts, trainer=trainer)
+        return cls(tok)
+
+    @classmethod
+    def from_folder(cls, folder: str | Path) -> BPETokenizer:
+        """A pretrained tokenizer saved in the Hugging Face layout: `tokenizer.json`, or GPT-2's
+        `vocab.json` + `merges.txt` (byte-level BPE)."""
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise UserError(
+                f"the tokenizer folder {folder} does not exist; point data.tokenizer (or "
+                "model.init_from) at the pretrained model's folder"
+            )
+        if (folder / "tokenizer.json").is_file():
+            try:
+                return cls(Tokenizer.from_file(str(folder / "tokenizer.json")))
+            except Exception as e:
+                raise UserError(
+                    f"{folder / 'tokenizer.json'} is not a tokenizer HF tokenizers can read "
+                    f"({str(e).splitlines()[0][:200]}); replace it with the model's own file"
+                ) from None
+        vocab, merges = folder / "vocab.json", folder / "merges.txt"
+        if not (vocab.is_file() and merges.is_file()):
+            raise UserError(
+                f"{folder} holds no tokenizer: give it tokenizer.json, or vocab.json and "
+                "merges.txt, as saved with the model"
+            )
+        try:
+            tok = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
+        except Exception as e:
+            raise UserError(
+                f"cannot read the tokenizer {vocab} + {merges} ({str(e).splitlines()[0][:200]}); "
+                "replace them with the model's own files"
+            ) from None
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
         return cls(tok)
 
     def encode(self, text: str) -> list[int]:

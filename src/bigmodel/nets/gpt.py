@@ -56,6 +56,8 @@ class GPTConfig:
     """Bias in Linear and LayerNorm layers; False is a little faster and as good."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass: trades ~30 % compute for activation memory."""
+    layer_norm_epsilon: float = 1e-5
+    """The epsilon of every LayerNorm (GPT-2's `layer_norm_epsilon`; torch's default)."""
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head != 0:
@@ -63,7 +65,14 @@ class GPTConfig:
                 f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
                 "change model.net.n_embd or model.net.n_head"
             )
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        for name in (
+            "vocab_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "layer_norm_epsilon",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.net.{name} must be positive, got {getattr(self, name)}")
 
@@ -94,6 +103,9 @@ class GPT(nn.Module):
         # Weight tying: the output projection reuses the token embedding (fewer parameters, and
         # rare tokens still get a sensible output vector).
         self.lm_head.weight = self.wte.weight
+        for m in self.modules():  # one epsilon for every norm, as GPT-2's config gives it
+            if isinstance(m, nn.LayerNorm):
+                m.eps = cfg.layer_norm_epsilon
         self.apply(self._init_weights)
         # GPT-2: scale the init of each residual output projection by 1/sqrt(2 * n_layer) so the
         # residual stream's variance does not grow with depth.
