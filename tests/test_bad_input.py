@@ -70,6 +70,7 @@ CASES = [
     # a value out of range, or one the override grammar cannot read
     case("value", "train.py", "data.batch_size=0", "data.batch_size must be a positive integer, got 0", quick=True),
     case("value", "train.py", "data.batch_size=-4", "data.batch_size must be a positive integer, got -4"),
+    case("value", "train.py", "trainer.val_check_interval=100000  trainer.check_val_every_n_epoch=1", "trainer.val_check_interval=100000 is more than the 1634 training batches of an epoch"),
     case("value", "train.py", "model.net.n_head=3", "n_embd (32) must be divisible by n_head (3)"),
     case("value", "train.py", "data.block_size=64", "data.block_size=64 is longer than the model's context model.net.block_size=32"),
     case("value", "train.py", "data.splits=[0.9,0.1]", "data.splits=[0.9, 0.1] must be 3 fractions >= 0 summing to 1"),

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import re
 import signal
 import sys
 import time
@@ -217,7 +218,18 @@ def _train(cfg: DictConfig) -> float | None:
     log.info(f"{type(task.net).__name__}: {n_params / 1e6:.2f} M parameters; run directory {out}")
 
     if cfg.get("train", True):
-        trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        try:
+            trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+        except ValueError as e:
+            if m := re.search(
+                r"`val_check_interval` \((\d+)\).*training batches \((\d+)\)", str(e)
+            ):
+                raise UserError(
+                    f"trainer.val_check_interval={m[1]} is more than the {m[2]} training batches "
+                    "of an epoch; lower it, or count it across epochs with "
+                    "trainer.check_val_every_n_epoch=null"
+                ) from None
+            raise
     train_metrics = _metrics(trainer)
 
     test_metrics: dict[str, float] = {}
