@@ -49,10 +49,13 @@ def generated_config(strategy: str, overrides: list[str], root: Path):
     """
     import hydra
 
+    from bigmodel.pretrained import prepare, prepare_data
     from bigmodel.run import build_task, build_trainer
 
     cfg = compose_config("train", [*TINY_DS, f"strategy={strategy}", *overrides], root)
+    prepare(cfg)  # as train.py does: model.init_from sizes the net and picks the tokenizer
     dm = hydra.utils.instantiate(cfg.data)
+    prepare_data(cfg, dm)
     dm.setup("fit")
     task = build_task(cfg, dm)
     trainer = build_trainer(cfg, accelerator="cpu", devices=1, logger=False)
@@ -196,8 +199,34 @@ def test_zero_offload_stages_train_on_cpu(deepspeed, tmp_path):
     _check_trained(_torchrun(tmp_path, "deepspeed_stage_2_offload", "deepspeed_stage_3_offload"))
 
 
+@pytest.mark.slow
+def test_lora_adapters_train_under_zero_2_and_3_on_cpu(deepspeed, tmp_path):
+    """LoRA on a pretrained GPT-2 under ZeRO: the adapters train, the frozen base stays put."""
+    pytest.importorskip("transformers")
+    from tests.test_pretrained import write_gpt2, write_text
+
+    write_gpt2(tmp_path / "gpt2", n_layer=1, n_head=2, n_embd=32, n_positions=32)
+    write_text(tmp_path / "corpus.txt")
+    results = _torchrun(tmp_path, "deepspeed_stage_2@lora", "deepspeed_stage_3@lora")
+    _check_trained(results)
+    for name, r in results.items():
+        assert r["trainable"] and all(".lora_" in k for k in r["trainable"]), name
+        assert r["adapters_moved"] and not r["base_moved"], (name, r)
+
+
+def _lora(root: Path) -> list[str]:
+    """LoRA on the GPT-2 folder the test wrote (its sizes are TINY_DS's)."""
+    return [
+        f"model.init_from={root / 'gpt2'}",
+        f"data.path={root / 'corpus.txt'}",
+        "model.lora.rank=4",
+        "model.lora.targets=[attn.qkv,mlp.fc]",
+    ]
+
+
 def _worker(root: Path, out: Path, strategies: list[str]) -> None:
-    """One rank: train a tiny GPT with deepspeed.initialize for each strategy config."""
+    """One rank: train a tiny GPT with deepspeed.initialize for each strategy config
+    (`<name>@lora`: LoRA adapters on a pretrained GPT-2 instead)."""
     import deepspeed
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -207,11 +236,15 @@ def _worker(root: Path, out: Path, strategies: list[str]) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name in strategies:
+        strategy, _, variant = name.partition("@")
+        extra = _lora(root) if variant == "lora" else []
         ds, task, dm, cfg = generated_config(
-            name,
-            ["precision=bf16-mixed", "optimizer.lr=0.01", "trainer.gradient_clip_val=1.0"],
+            strategy,
+            ["precision=bf16-mixed", "optimizer.lr=0.01", "trainer.gradient_clip_val=1.0", *extra],
             root / name,
         )
+        trainable = [k for k, p in task.named_parameters() if p.requires_grad]
+        before = {k: p.detach().float().clone() for k, p in task.named_parameters()}
         for key in ("offload_optimizer", "offload_param"):  # pinned memory needs CUDA
             ds["zero_optimization"].get(key, {})["pin_memory"] = False
         optimizer = task.configure_optimizers()
@@ -233,6 +266,16 @@ def _worker(root: Path, out: Path, strategies: list[str]) -> None:
             dist.all_reduce(mean)
             losses.append(float(mean) / world)
         results[name] = {"losses": losses, "steps": steps}
+        if variant == "lora":
+            with deepspeed.zero.GatheredParameters(list(task.parameters())):
+                # the engine keeps the module in bf16: a weight left alone is its bf16 rounding
+                moved = {
+                    k: not torch.equal(p.detach().float(), before[k].to(p.dtype).float())
+                    for k, p in task.named_parameters()
+                }
+            results[name]["trainable"] = trainable
+            results[name]["adapters_moved"] = all(moved[k] for k in trainable)
+            results[name]["base_moved"] = any(v for k, v in moved.items() if k not in trainable)
         if ds["zero_optimization"]["stage"] == 3 and name == "deepspeed_stage_3":
             # the layout Lightning's DeepSpeedStrategy.save_checkpoint writes: tag "checkpoint",
             # the Lightning/bigmodel records as client state
