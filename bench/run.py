@@ -32,10 +32,11 @@ BENCHMARKS: dict[str, list[str]] = {
     "startup": ["startup.py"],
     "demo": ["demo.py"],
     "baby_gpt": ["baby_gpt.py", "--pairs", "2"],
-    "levers": ["levers.py"],
+    "levers": ["levers.py", "--steps", "300"],
     "lightning_overhead": ["lightning_overhead.py"],
     "data": ["data_throughput.py"],
     "inference": ["inference.py"],
+    "serving": ["serving.py"],
 }
 
 
@@ -143,6 +144,22 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                         f"BLEU {t['bleu']}; {t['sentences_per_s']} sentences/s",
                     )
                 )
+    serving: dict[tuple[str, str, str], list[dict]] = {}
+    for row in r.get("serving", []):
+        serving.setdefault((row["model"], row["engine"], row["batching"]), []).append(row)
+    for (model, engine, batching), group in serving.items():
+        figures = "; ".join(
+            f"c={g['concurrency']}: p50 {g['p50_ms']:.1f} ms, p99 {g['p99_ms']:.1f} ms, "
+            f"{g['req_s']:.0f} req/s"
+            for g in group
+        )
+        out.append(
+            (
+                f"serve.py: {model}, {engine}, batching {batching}",
+                "`python bench/serving.py`",
+                figures,
+            )
+        )
     return out
 
 
