@@ -4,6 +4,7 @@ again from `model.init_from`, and export merges them (checked against transforme
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -135,6 +136,21 @@ def test_lora_run_saves_adapters_only_and_restores_on_its_base(tmp_path):
         torch.testing.assert_close(plain(idx), got, rtol=0, atol=1e-5)
     # eval.py and generate.py rebuild the base from model.init_from too
     assert "test/loss" in run_cli("eval.py", f"ckpt_path={ckpt_path}", cwd=tmp_path).stdout
+    # predict.py (and serve.py, on the same loader) merge the adapters into the base as well:
+    # its greedy text is generate.py's
+    greedy = ["max_new_tokens=12", "temperature=0"]
+    (tmp_path / "prompts.txt").write_text("The\n")
+    run_cli(
+        "predict.py",
+        f"ckpt_path={ckpt_path}",
+        "input=prompts.txt",
+        "output=g.jsonl",
+        *greedy,
+        cwd=tmp_path,
+    )
+    (row,) = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+    ref = run_cli("generate.py", f"ckpt_path={ckpt_path}", "prompt=The", *greedy, cwd=tmp_path)
+    assert row["text"] == ref.stdout.rstrip("\n")
     # resuming continues the adapters (the frozen base is not in the checkpoint)
     run_cli(
         "train.py",

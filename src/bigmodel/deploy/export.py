@@ -1,0 +1,112 @@
+"""export.py: a checkpoint -> a self-contained folder (safetensors, ONNX, or HF GPT-2).
+
+`format=safetensors` writes the weights, configs, tokenizer or class names and the model card
+(bigmodel.deploy.folder); `format=onnx` adds the ONNX graphs with their parity against PyTorch
+(bigmodel.deploy.onnx) and, with `quantize=int8`, the int8 graphs scored next to fp32 on the
+checkpoint's held-out data; `format=hf` (GPT only) writes a Hugging Face transformers folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from omegaconf import DictConfig
+
+from bigmodel.errors import UserError, reports_user_errors
+
+if TYPE_CHECKING:
+    from bigmodel.deploy.bundle import Bundle
+
+log = logging.getLogger("bigmodel")
+
+FORMATS = ("safetensors", "onnx", "hf")
+QUANTIZE = (None, "int8")
+
+
+def _check(cfg: DictConfig) -> None:
+    if cfg.format not in FORMATS:
+        raise UserError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+    if cfg.get("quantize") not in QUANTIZE:
+        raise UserError(f"quantize={cfg.quantize} is not one of int8, null")
+    if cfg.get("quantize") and cfg.format != "onnx":
+        raise UserError("quantize=int8 quantizes the ONNX graphs: add format=onnx")
+    if not cfg.get("out"):
+        raise UserError("give out=DIR, the folder to write")
+    out = Path(cfg.out)
+    if out.is_dir() and any(out.iterdir()) and not cfg.get("overwrite"):
+        raise UserError(
+            f"out={out} already holds files; choose another folder or pass overwrite=true"
+        )
+
+
+def _fill(bundle: Bundle, cfg: DictConfig, name: str, tmp: Path) -> None:
+    from bigmodel.deploy.folder import write_meta, write_weights
+
+    write_weights(bundle, tmp)
+    rows: list[dict] = []
+    scores: dict = {}
+    if cfg.format == "onnx":
+        from bigmodel.deploy.onnx import export_onnx
+
+        rows = export_onnx(bundle, tmp, cfg.get("quantize"))
+        if cfg.get("quantize") and cfg.get("eval_batches", 0) > 0:
+            from bigmodel.checkpoints import restore
+            from bigmodel.deploy.scoring import score_engines
+
+            _, datamodule, _ = restore(bundle.card["source"])
+            scores = score_engines(
+                dataclasses.replace(bundle, folder=tmp), datamodule, int(cfg.eval_batches)
+            )
+            for engine, vals in scores["engines"].items():
+                log.info(f"{engine}: " + ", ".join(f"{k}={v:.4g}" for k, v in vals.items()))
+    write_meta(bundle, tmp, cfg.format, rows, scores, name)
+
+
+def _export_hf(cfg: DictConfig, bundle: Bundle, out: Path) -> None:
+    if bundle.kind != "lm":
+        raise UserError(
+            f"format=hf writes GPT-2 folders; this checkpoint is a {bundle.kind} model: use "
+            "format=safetensors or format=onnx"
+        )
+    try:
+        hf = importlib.import_module("bigmodel.pretrained.hf_gpt2")
+    except ModuleNotFoundError as e:
+        raise UserError(
+            f"format=hf needs bigmodel.pretrained.hf_gpt2, which is missing here ({e}); use "
+            "format=safetensors or format=onnx"
+        ) from None
+    import inspect
+
+    from bigmodel.checkpoints import restore
+    from bigmodel.deploy.folder import write_folder
+
+    _, datamodule, task = restore(bundle.card["source"])
+    task.run_config = {"model": bundle.model, "data": bundle.data}
+    kwargs = {}
+    if "tokenizer" in inspect.signature(hf.export_hf).parameters:
+        kwargs["tokenizer"] = getattr(datamodule, "tokenizer", None) or bundle.tokenizer
+    write_folder(out, lambda tmp: hf.export_hf(task, tmp, **kwargs), bool(cfg.get("overwrite")))
+
+
+@reports_user_errors
+def export(cfg: DictConfig) -> Path:
+    """Write the folder `cfg.out` from `cfg.ckpt_path` and print what it holds."""
+    _check(cfg)  # before torch loads: a mistyped option answers at once
+    from bigmodel.deploy.bundle import from_checkpoint
+    from bigmodel.deploy.folder import write_folder
+
+    bundle = from_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
+    out = Path(cfg.out)
+    if cfg.format == "hf":
+        _export_hf(cfg, bundle, out)
+    else:
+        write_folder(
+            out, lambda tmp: _fill(bundle, cfg, str(cfg.out), tmp), bool(cfg.get("overwrite"))
+        )
+    for p in sorted(out.iterdir()):
+        print(f"{out / p.name}  {p.stat().st_size / 2**20:.3f} MB")
+    return out
