@@ -49,7 +49,7 @@ class ExactResume(L.Callback):
 
     def reseed(self, trainer: L.Trainer) -> None:
         s = (self.seed * _MIX + self.batches * 1_000_003 + trainer.global_rank) % 2**63
-        torch.manual_seed(s)  # seeds every CUDA device too
+        seed_torch(s)
         np.random.seed(s % 2**32)
         random.seed(s)
 
@@ -81,3 +81,17 @@ class ExactResume(L.Callback):
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.seed, self.batches = int(state["seed"]), int(state["batches"])
+
+
+def seed_torch(s: int) -> None:
+    """What `torch.manual_seed(s)` does for the devices in use, at a fraction of its cost.
+
+    Where CUDA is not initialised (a CPU run), `torch.manual_seed` queues the CUDA seeding for
+    later and records the Python stack with it, `traceback.format_stack()`, at every call: a
+    few milliseconds a batch under Lightning's deep stack, a sixth of a small model's step.
+    """
+    torch.random.default_generator.manual_seed(s)
+    if torch.cuda.is_initialized():  # a GPU run: every device, as torch.manual_seed does
+        torch.cuda.manual_seed_all(s)
+    if torch.backends.mps.is_available():
+        torch.mps.manual_seed(s)
