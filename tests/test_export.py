@@ -84,9 +84,11 @@ def family_params(families=FAMILIES):
 
 
 def export(ckpt: Path, out: Path, *args: str, check: bool = True):
-    return run_cli(
+    proc = run_cli(
         "export.py", f"ckpt_path={ckpt}", f"out={out}", *args, cwd=out.parent, check=check
     )
+    assert not (out.parent / "export.log").exists()  # it writes the folder and nothing else
+    return proc
 
 
 def net_from_checkpoint(ckpt: Path):
