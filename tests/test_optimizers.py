@@ -47,6 +47,7 @@ def test_optimizer_trains(name, tmp_path):
     [
         ([], {"fused": True}),  # AdamW on one device: the fused kernel (bench/levers.py)
         (["optimizer=sgd"], {"foreach": True}),  # others: foreach, not torch's CPU loop
+        (["precision=bf16-mixed"], {"foreach": True}),  # clipping under autocast: not fused
         (["+optimizer.fused=true"], {"fused": True}),  # what a user asks for replaces ours
         (["+optimizer.foreach=false"], {"foreach": False}),
     ],

@@ -75,8 +75,9 @@ class Task(L.LightningModule):
 
         Adam and AdamW: one fused kernel for all parameters (on a CPU 12 % faster a step than
         the multi-tensor foreach kernels for the baby GPT, bench/levers.py), where parameters
-        are plain tensors on one device or DDP replicas; sharded ones (FSDP, DeepSpeed) keep
-        the foreach kernels. Others: foreach, which torch uses on CUDA anyway, not on a CPU.
+        are plain tensors on one device or DDP replicas, in a precision without autocast;
+        sharded ones (FSDP, DeepSpeed) and mixed precision keep the foreach kernels. Others:
+        foreach, which torch uses on CUDA anyway, not on a CPU.
         """
         from lightning.pytorch.strategies import (
             DDPStrategy,
@@ -88,6 +89,9 @@ class Task(L.LightningModule):
         plain = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(
             strategy, DeepSpeedStrategy
         )
+        # a fused step unscales gradients itself, so Lightning's mixed precision cannot clip
+        # them before it: mixed precision keeps foreach
+        plain = plain and "mixed" not in str(self.trainer.precision)
         optimizer_class = getattr(factory, "func", factory)
         if plain and optimizer_class in (torch.optim.Adam, torch.optim.AdamW):
             return {"fused": True}
