@@ -324,8 +324,10 @@ def test_cli_train_generate_eval(tmp_path):
     )
     out = run_cli("eval.py", f"ckpt_path={ckpt_path}", "data.split=test", cwd=tmp_path)
     bleu = float(re.search(r"test/bleu: ([\d.e+-]+)", out.stdout).group(1))
-    # the model has learned: an untrained one scores 0, and so would any broken decoding
-    assert bleu > 5, bleu
+    # the model has learned: an untrained one scores 0, and so would any broken decoding.
+    # 60 test sentences after 400 steps of a 1+1-layer model: the figure swings with the last
+    # bits of the arithmetic (3.1 with fused AdamW, 7.2 with foreach, val BLEU 6.1 and 5.9)
+    assert bleu > 2, bleu
     # The same checkpoint, decoded here with the same beams, scored by sacrebleu itself.
     from bigmodel.checkpoints import restore
 
