@@ -206,3 +206,45 @@ def test_a_signal_during_validation_stops_the_run_after_the_validation(tmp_path)
     assert val["completed"] == val["ready"] == 91
     run_cli("train.py", *args(run_dir), cwd=tmp_path, env=ENV)
     assert_same_end(tmp_path / "full", run_dir, since=0, metrics=("train/loss", "val/loss"))
+
+
+CSV_WRITER = """
+import resource, signal, sys
+from bigmodel.loggers import ContinuingCSVLogger
+
+root, first, count, extra, limit = sys.argv[1], *map(int, sys.argv[2:6])
+writer = ContinuingCSVLogger(save_dir=root, name="csv", version="").experiment
+if limit:  # the kernel stops the process (SIGXFSZ) when a write passes `limit` bytes
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_DFL)  # Python ignores it; the default kills
+for step in range(first, first + count):
+    metrics = {"train/loss": 1.0 / (step + 1), **({"val/loss": 0.5} if extra else {})}
+    writer.log_metrics(metrics, step)
+writer.save()
+"""
+
+
+def test_metrics_csv_keeps_every_row_when_a_rewrite_is_killed(tmp_path):
+    """metrics.csv is rewritten on resume and when a new metric widens its header; a process
+    killed by the kernel in the middle of that rewrite must leave every row it had."""
+
+    def write(first: int, count: int, extra: int = 0, limit: int = 0) -> int:
+        args = [str(tmp_path), str(first), str(count), str(extra), str(limit)]
+        cmd = [sys.executable, "-c", CSV_WRITER, *args]
+        return subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode
+
+    def steps() -> list[int]:
+        with open(tmp_path / "csv" / "metrics.csv", newline="") as f:
+            return [int(r["step"]) for r in csv.DictReader(f)]
+
+    assert write(0, 2000) == 0
+    size = (tmp_path / "csv" / "metrics.csv").stat().st_size
+    # resumed at step 2000, logging a new metric; killed half-way through the rewrite
+    assert write(2000, 1, extra=1, limit=size // 2) == -signal.SIGXFSZ
+    assert steps() == list(range(2000))
+    # a row cut short by a kill during an append is dropped, not read as a wrong step
+    with open(tmp_path / "csv" / "metrics.csv", "a") as f:
+        f.write("20")  # step 2000's row, cut after two digits
+    assert write(2000, 5, extra=1) == 0
+    assert steps() == list(range(2005))
+    assert not list((tmp_path / "csv").glob("*.tmp"))  # the cut-off rewrite's file is gone

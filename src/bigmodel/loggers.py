@@ -167,29 +167,61 @@ def mlflow_logger(tracking_uri: str, **kwargs: Any) -> MLFlowLogger:
 
 # --------------------------------------------------------------------------------------- CSV
 class _ContinuingWriter(ExperimentWriter):
-    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted.
+    """Lightning's CSV writer, except that an existing metrics.csv is continued, not deleted, and
+    never rewritten in place.
 
     A run resumed in its own directory (resume=auto) keeps the rows logged before the stop. Rows
     at or after the first step the resumed run logs were written after its checkpoint, in the
-    interval the stop lost; they are dropped when the resumed run writes that step again.
+    interval the stop lost; they are dropped when the resumed run writes that step again. Every
+    rewrite (on resume, or when a new metric widens the header) goes to a temporary file that
+    replaces metrics.csv in one rename, so a kill at any moment leaves the old rows or the new.
     """
 
     def _check_log_dir_exists(self) -> None:
         self._continuing = self._fs.isfile(self.metrics_file_path)
+        path = Path(self.metrics_file_path)
+        if "file" in self._fs.protocol and path.parent.is_dir():  # a rewrite a kill cut off
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)
+
+    def _read(self) -> tuple[list[str], list[dict[str, str]]]:
+        with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+            reader = csv.DictReader(f)
+            rows = list(reader)
+            fields = list(reader.fieldnames or [])
+        # a row cut short by a kill during an append lacks its last fields (DictReader: None)
+        if rows and None in rows[-1].values():
+            rows.pop()
+        return fields, rows
+
+    def _replace(self, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
+        if "file" not in self._fs.protocol:  # a remote store (s3://...) has no atomic rename
+            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fieldnames)
+                writer.writeheader()
+                writer.writerows(rows)
+            return
+        path = Path(self.metrics_file_path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(rows)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        self._replace(fieldnames, self._read()[1])
 
     def save(self) -> None:
         if getattr(self, "_continuing", False) and self.metrics:
             self._continuing = False
             first = min(m.get("step", 0) for m in self.metrics)
-            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                reader = csv.DictReader(f)
-                fields, rows = list(reader.fieldnames or []), list(reader)
+            fields, rows = self._read()
             kept = [r for r in rows if r.get("step") and int(float(r["step"])) < first]
             self.metrics_keys = sorted(set(self.metrics_keys) | set(fields))
-            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
-                writer.writeheader()
-                writer.writerows(kept)
+            self._replace(self.metrics_keys, kept)
         super().save()
 
 
