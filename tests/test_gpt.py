@@ -36,6 +36,31 @@ def test_forward_shape_and_causality():
     assert not torch.allclose(logits[:, 10:], logits2[:, 10:])
 
 
+def test_cpu_half_precision_attention_runs_in_fp32_and_trains():
+    """On a CPU, bf16 queries, keys and values are attended in fp32 (torch's bf16 CPU kernel
+    is many times slower there); the result is the fp32 attention rounded once to bf16."""
+    from bigmodel.nets.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(n_embd=32, n_head=2).bfloat16()  # as precision=bf16-true makes it
+    q, k, v = (torch.randn(3, 2, 16, 16).bfloat16() for _ in range(3))  # (B, nh, T, hs)
+    y = attn._mix(q, k, v, None, True)  # (B, T, C)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), is_causal=True
+    ).bfloat16()
+    ref = attn.proj(ref.transpose(1, 2).reshape(3, 16, 32))
+    assert y.dtype == torch.bfloat16
+    assert torch.equal(y, ref)
+
+    m = tiny()
+    x = torch.randint(0, 50, (3, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = m(x)
+    assert logits.dtype == torch.bfloat16
+    logits.float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in m.parameters())
+
+
 def test_weight_tying_and_residual_init():
     m = tiny(n_layer=4)
     assert m.lm_head.weight is m.wte.weight
