@@ -150,6 +150,10 @@ def test_progress_bar_counts_steps_and_leaves_one_last_line(lm_run):
     # the finished bar, once: a log line printed while it ran left no stale copy of it behind
     bars = [line for line in lines if line.startswith("Epoch 0 · step 12/12 ")]
     assert len(bars) == 1, "\n".join(line for line in lines if line.startswith("Epoch"))
+    # redrawn at most 10 times a second, the bar still ends on the last step's loss
+    (shown,) = re.findall(r"^\s+train/loss: ([0-9.]+)$", "\n".join(lines), re.M)
+    (logged,) = re.findall(r"metrics: .*train/loss=([0-9.]+)", flat(lines))
+    assert shown == logged
 
 
 def test_warmup_longer_than_the_run_is_one_bigmodel_line(lm_run):
