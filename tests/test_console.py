@@ -156,6 +156,14 @@ def test_progress_bar_counts_steps_and_leaves_one_last_line(lm_run):
     assert shown == logged
 
 
+def test_a_bf16_mixed_run_prints_no_lightning_warning(tmp_path):
+    proc = run_cli("train.py", *TINY_LM, "precision=bf16-mixed", "test=false", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "Total params: " in out
+    assert "is not supported by the model summary" not in out
+    assert "UserWarning" not in out
+
+
 def test_warmup_longer_than_the_run_is_one_bigmodel_line(lm_run):
     text = flat(lm_run[0])
     line = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -31,7 +32,8 @@ def _in_multirun() -> bool:
 
 
 class ModelSummary(RichModelSummary):
-    """RichModelSummary that shows FLOPs only where Lightning counted them.
+    """RichModelSummary that shows FLOPs only where Lightning counted them, and sizes a
+    mixed-precision model without a warning (its weights are fp32).
 
     Lightning counts FLOPs by running the task's `example_input_array` through it; without one
     (our tasks define none: a forward pass at start-up is not free for a big model) its FLOPs
@@ -56,7 +58,12 @@ class ModelSummary(RichModelSummary):
                 return
             ModelSummary._printed_in_multirun = True
         self._flops_counted = getattr(pl_module, "example_input_array", None) is not None
-        super().on_fit_start(trainer, pl_module)
+        with warnings.catch_warnings():
+            # Lightning warns that it sizes a mixed-precision model at 32 bits a parameter: right,
+            # since mixed precision keeps the weights in fp32
+            if "mixed" in str(trainer.precision):
+                warnings.filterwarnings("ignore", message=r"Precision .* model summary")
+            super().on_fit_start(trainer, pl_module)
 
     def summarize(
         self,
