@@ -30,7 +30,11 @@ LEVERS: dict[str, tuple[list[str], list[str]]] = {
     "foreach AdamW instead of fused (fp32)": (FP32, [*FP32, "+optimizer.foreach=true"]),
     "for-loop AdamW instead of fused (fp32)": (FP32, [*FP32, "+optimizer.foreach=false"]),
     "no loss guard (a host sync a step)": ([], ["callbacks.loss_guard=null"]),
-    "no progress bar": ([], ["callbacks.rich_progress_bar=null"]),
+    # without its callback Lightning would add its own bar: both off
+    "no progress bar": (
+        [],
+        ["callbacks.rich_progress_bar=null", "+trainer.enable_progress_bar=false"],
+    ),
 }
 
 

@@ -136,7 +136,6 @@ def main() -> None:
         f"data.path={data}",
         f"paths.cache_dir={work / 'cache'}",
         "extras.print_config=none",
-        "callbacks.rich_progress_bar=null",
         "callbacks.text_sample=null",
     ]
 
