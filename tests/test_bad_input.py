@@ -78,6 +78,7 @@ CASES = [
     case("value", "train.py", "global_batch_size=7", "global_batch_size=7 is not a positive multiple of data.batch_size"),
     case("value", "train.py", "precision=17", "precision=17 is not one of transformer-engine, transformer-engine-float16, 16-true, 16-mixed"),
     case("value", "train.py", "trainer.devices=0", "trainer: `Trainer(devices=0)` value is not a valid input"),
+    case("value", "train.py", "+optimizer.fused=true  precision=bf16-mixed", "optimizer.fused=true does not work with precision=bf16-mixed and gradient clipping"),
     case("value", "train.py", "resume=sometimes", "resume=sometimes is not one of auto, never"),
     case("value", "train.py", "extras.print_config=loud", "extras.print_config=loud is not one of short, full, none"),
     case("value", "train.py", "trainer.max_steps=(", "cannot read the override trainer.max_steps=(: quote a value", quick=True),

@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from bigmodel.batches import batch_size
+from bigmodel.errors import UserError
 from bigmodel.optim import param_groups
 
 log = logging.getLogger("bigmodel")
@@ -106,6 +107,17 @@ class Task(L.LightningModule):
         asked = {k for k in ("foreach", "fused") if factory.keywords.get(k) is not None}
         if not asked:
             extra = self._optimizer_kernels(factory)
+        precision = str(self.trainer.precision) if self._trainer is not None else ""
+        clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        if factory.keywords.get("fused") and "mixed" in precision and clip:
+            # Lightning clips before the step, which a fused step (it unscales) does not allow
+            raise UserError(
+                f"optimizer.fused=true does not work with precision={precision} and gradient "
+                f"clipping (trainer.gradient_clip_val={clip}): Lightning clips before the "
+                "optimizer step and a fused step unscales the gradients itself; drop "
+                "+optimizer.fused (bigmodel picks foreach kernels here), or set "
+                "trainer.gradient_clip_val=null"
+            )
         optimizer = factory(param_groups(self, weight_decay), **extra)
         if self._trainer is None or self.trainer.is_global_zero:  # once, not once per rank
             log.info(
