@@ -61,7 +61,10 @@ class LanguageModel(Task):
         if not isinstance(self.net, CountsTokenFlops):
             return super().forward_flops(batch)
         x = batch[0]
-        return self.net.flops_per_token(x.shape[1]) * x.numel() // 3
+        key = ("per token", x.shape[1])  # num_params walks every parameter: once per length
+        if key not in self._flops_per_sample:
+            self._flops_per_sample[key] = self.net.flops_per_token(x.shape[1])
+        return self._flops_per_sample[key] * x.numel() // 3
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss, _, _ = self._loss(batch)
