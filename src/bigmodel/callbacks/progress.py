@@ -32,8 +32,8 @@ class ProgressBar(RichProgressBar):
     at the end of an epoch or of the run, so the last figures shown are the last ones logged.
     """
 
-    def __init__(self, *args: Any, refresh_rate: int = 10, **kwargs: Any) -> None:
-        super().__init__(*args, refresh_rate=refresh_rate, **kwargs)
+    def __init__(self, refresh_rate: int = 10, *args: Any, **kwargs: Any) -> None:
+        super().__init__(refresh_rate, *args, **kwargs)
         self._redirected: list[tuple[logging.StreamHandler, Any]] = []
         self._drawn_at = float("-inf")
         self._undrawn: tuple | None = None  # the arguments of a batch end not drawn yet
