@@ -195,21 +195,18 @@ class _ContinuingWriter(ExperimentWriter):
         return fields, rows
 
     def _replace(self, fieldnames: list[str], rows: list[dict[str, str]]) -> None:
-        if "file" not in self._fs.protocol:  # a remote store (s3://...) has no atomic rename
-            with self._fs.open(self.metrics_file_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=fieldnames)
-                writer.writeheader()
-                writer.writerows(rows)
-            return
+        local = "file" in self._fs.protocol  # a remote store (s3://...) has no atomic rename
         path = Path(self.metrics_file_path)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with self._fs.open(str(tmp) if local else self.metrics_file_path, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fieldnames)
             writer.writeheader()
             writer.writerows(rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+            if local:
+                f.flush()
+                os.fsync(f.fileno())
+        if local:
+            os.replace(tmp, path)
 
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         self._replace(fieldnames, self._read()[1])
