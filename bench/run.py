@@ -43,6 +43,8 @@ BENCHMARKS: dict[str, list[str]] = {
 def machine() -> dict[str, str | int]:
     import torch
 
+    from bigmodel.hardware import cpu_bf16_instructions
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -57,12 +59,24 @@ def machine() -> dict[str, str | int]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "date": datetime.date.today().isoformat(),
+        "bf16": cpu_bf16_instructions() or "none",
     }
 
 
 def rows(r: dict) -> list[tuple[str, str, str]]:
     """(what, command, result) for each figure the JSON holds."""
-    out = []
+    return [row for _, row in named_rows(r)]
+
+
+def named_rows(r: dict) -> list[tuple[str, tuple[str, str, str]]]:
+    """(benchmark, (what, command, result)) for each figure the JSON holds."""
+    out: list = []
+    done: list[tuple[str, tuple[str, str, str]]] = []
+
+    def flush(name: str) -> None:  # the rows added since the last flush are this benchmark's
+        done.extend((name, row) for row in out)
+        out.clear()
+
     if s := r.get("startup"):
         out += [
             (
@@ -72,6 +86,7 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
             ),
             ("`python train.py --help`", "`python bench/startup.py`", f"{s['help_s']} s"),
         ]
+    flush("startup")
     if d := r.get("demo"):
         out.append(
             (
@@ -82,6 +97,7 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                 f"{d['tokens_per_s']} tokens/s",
             )
         )
+    flush("demo")
     if b := r.get("baby_gpt"):
         out.append(
             (
@@ -92,15 +108,18 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                 f"{b['ours_ms_per_iter']} / {b['ref_ms_per_iter']} ms per iteration",
             )
         )
+    flush("baby_gpt")
     for lever in r.get("levers", []):
         out.append(
             (
                 f"lever: {lever['lever']}",
                 f"`python bench/levers.py` (`{' '.join(lever['overrides'])}`)",
                 f"ms/iteration x{lever['ms_ratio']}, wall x{lever['wall_ratio']}; val loss "
-                f"{lever['baseline']['val_loss']:.4f} -> {lever['with']['val_loss']:.4f}",
+                f"{lever['baseline']['val_loss']:.4f} -> {lever['with']['val_loss']:.4f}"
+                + (f" ({lever['note']})" if lever.get("note") else ""),
             )
         )
+    flush("levers")
     if o := r.get("lightning_overhead"):
         out.append(
             (
@@ -110,6 +129,7 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                 f"step time ratio {o['step_time_ratio']}",
             )
         )
+    flush("lightning_overhead")
     if d := r.get("data"):
         out.append(
             (
@@ -119,6 +139,7 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                 f"CNN {d['cnn_samples_per_s']} samples/s (32x32 RGB)",
             )
         )
+    flush("data")
     if i := r.get("inference"):
         q = i["int8"]
         out += [
@@ -144,6 +165,7 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                         f"BLEU {t['bleu']}; {t['sentences_per_s']} sentences/s",
                     )
                 )
+    flush("inference")
     serving: dict[tuple[str, str, str], list[dict]] = {}
     for row in r.get("serving", []):
         serving.setdefault((row["model"], row["engine"], row["batching"]), []).append(row)
@@ -160,19 +182,29 @@ def rows(r: dict) -> list[tuple[str, str, str]]:
                 figures,
             )
         )
-    return out
+    flush("serving")
+    return done
+
+
+def describe(m: dict) -> str:
+    bf16 = f", bf16 instructions: {m['bf16']}" if "bf16" in m else ""
+    return f"{m['cpu']}, {m['cores']} cores{bf16}, torch {m['torch']}, {m['date']}"
 
 
 def table(r: dict) -> str:
-    m = r["machine"]
-    lines = [
-        f"Measured on {m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']} "
-        "(bench/results.json).",
-        "",
-        "| what | command | result |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows(r)]
+    """The README table; where benchmarks ran on different machines, each row names its own."""
+    of = r.get("machines") or {}
+    kinds = sorted({describe(m) for m in of.values()})
+    if len(kinds) <= 1:
+        head = f"Measured on {kinds[0] if kinds else describe(r['machine'])} (bench/results.json)."
+        label = dict.fromkeys(of, "")
+    else:
+        letters = {k: chr(ord("A") + i) for i, k in enumerate(kinds)}
+        head = "Measured on " + "; ".join(f"({letters[k]}) {k}" for k in kinds)
+        head += " (bench/results.json). Compare figures of one machine only."
+        label = {name: f" ({letters[describe(m)]})" for name, m in of.items()}
+    lines = [head, "", "| what | command | result |", "|---|---|---|"]
+    lines += [f"| {a}{label.get(n, '')} | {b} | {c} |" for n, (a, b, c) in named_rows(r)]
     return "\n".join(lines)
 
 
@@ -200,7 +232,8 @@ def main() -> None:
                 cmd = [sys.executable, str(ROOT / "bench" / script), *extra, "--json", f.name]
                 subprocess.run(cmd, cwd=ROOT, check=True)
                 results[name] = json.loads(Path(f.name).read_text())
-            results["machine"] = machine()
+            results["machine"] = machine()  # the newest; each benchmark keeps its own below
+            results.setdefault("machines", {})[name] = results["machine"]
             RESULTS.write_text(json.dumps(results, indent=1) + "\n")  # kept after each one
     write_readme(results)
     print(f"wrote {RESULTS.relative_to(ROOT)} and the README table")

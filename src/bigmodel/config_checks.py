@@ -144,10 +144,11 @@ def check_precision(precision: Any) -> None:
     )
 
     names = typing.get_args(_PRECISION_INPUT_STR)
-    if precision is None or str(precision) in (*names, *_PRECISION_INPUT_STR_ALIAS_CONVERSION):
+    allowed = (*names, *_PRECISION_INPUT_STR_ALIAS_CONVERSION, "auto")
+    if precision is None or str(precision) in allowed:
         return
     raise UserError(
-        f"precision={precision} is not one of {', '.join(names)} (or the short forms "
+        f"precision={precision} is not one of {', '.join((*names, 'auto'))} (or the short forms "
         f"{', '.join(_PRECISION_INPUT_STR_ALIAS_CONVERSION)})"
     )
 

@@ -49,6 +49,7 @@ from bigmodel.config_checks import (
 )
 from bigmodel.distributed import derive_accumulation
 from bigmodel.errors import UserError, is_multirun, reports_user_errors, root_cause
+from bigmodel.hardware import resolve_precision
 from bigmodel.launcher import fresh_process_group, patch_ddp_hydra_launcher
 from bigmodel.loggers import flat_config
 from bigmodel.pretrained import build as build_pretrained
@@ -102,7 +103,13 @@ def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
     if not _is_deepspeed(strategy) and not any(isinstance(p, CheckpointIO) for p in plugins):
         # checkpoint files written atomically (DeepSpeed writes folders of shards its own way)
         plugins.append(AtomicCheckpointIO())
-    check_precision(cfg.trainer.get("precision"))
+    precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    check_precision(precision)
+    if precision != cfg.trainer.get("precision"):  # precision=auto: the config records the pick
+        with open_dict(cfg):
+            cfg.trainer.precision = precision
+            if "precision" in cfg:
+                cfg.precision = precision
     try:
         return hydra.utils.instantiate(cfg.trainer, strategy=strategy, plugins=plugins, **kwargs)
     except InstantiationException as e:  # devices=0, accelerator=tpu without torch_xla, ...
