@@ -60,6 +60,7 @@ def plain_loop(cfg, steps: int, log_steps: int) -> dict:
     # the same fused AdamW kernel the task asks for on one device
     opt = opt_factory(param_groups(net, opt_factory.keywords.get("weight_decay", 0.0)), fused=True)
     sched = hydra.utils.instantiate(cfg.scheduler.scheduler)(opt, total_steps=steps)
+    params = [p for group in opt.param_groups for p in group["params"]]
     clip = cfg.trainer.gradient_clip_val
     losses, times = [], []
     step = 0
@@ -71,7 +72,9 @@ def plain_loop(cfg, steps: int, log_steps: int) -> dict:
             loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), clip)
+            # over the optimizer's parameters in group order, as Lightning clips: the norm's
+            # sum runs in that order (net.parameters() order moves its last bit at some steps)
+            torch.nn.utils.clip_grad_norm_(params, clip)
             opt.step()
             sched.step()
             # an iteration from the end of the last: with its batch's loading, as train.py's
@@ -186,6 +189,8 @@ def main() -> None:
         print(f"{i:>4} {cli_losses[i]:>14.6f} {plain['losses'][i]:>16.6f}")
     same = sum(a == b for a, b in zip(cli_losses[:n], plain["losses"][:n], strict=True))
     print(f"max |loss difference| over the first {n} steps: {max(diffs):.2e}; {same} identical")
+    if same < n:
+        print(f"steps whose losses differ: {[i for i, d in enumerate(diffs) if d]}")
     print(f"{'':>24}{'train.py':>12}{'plain loop':>12}")
     print(f"{'ms / iteration':>24}{cli_ms:>12.1f}{plain['ms_per_iter']:>12.1f}")
     print(f"{'step time ratio':>24}{ratio:>12.3f}   (median of {len(pairs)} pairs)")
