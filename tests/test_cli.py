@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, TINY_LM, run_cli, run_dirs
+from tests.conftest import CONFIGS, ROOT, TINY_LM, run_cli, run_dirs
 
 
 @pytest.fixture(scope="module")
@@ -222,6 +222,15 @@ def test_help_lists_the_groups(tmp_path):
     ):
         assert re.search(rf"^{group}: ", out, re.M), group
     assert "wandb_sweep" not in out  # W&B sweep specs are not a Hydra group
+    # each group's options, exactly as on disk (--help asks Hydra once per group:
+    # bigmodel.cli.list_each_group_once)
+    listed = dict(re.findall(r"^([\w/]+): (.*)$", out.split("== Config ==")[0], re.M))
+    on_disk = {}
+    for path in CONFIGS.rglob("*.yaml"):
+        group = path.parent.relative_to(CONFIGS).as_posix()
+        if group != "." and group.split("/")[0] != "hydra":
+            on_disk.setdefault(group, []).append(path.stem)
+    assert {g: ", ".join(sorted(o)) for g, o in on_disk.items()} == listed
 
 
 def test_trainer_arguments_need_no_plus(tmp_path):

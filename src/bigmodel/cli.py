@@ -60,6 +60,8 @@ def entry(config_name: str, raw: Sequence[str] = ()) -> Callable[[Callable], Cal
             os.environ["HYDRA_FULL_ERROR"] = "1"
             argv = sys.argv[:]
             sys.argv = [argv[0], *(quote_raw(a, raw) for a in argv[1:])]
+            if {"--help", "-h", "--hydra-help"} & set(argv[1:]):
+                list_each_group_once()
             try:
                 return hydra_main()
             except UserError as e:  # raised before the runner took over (extras, a sweeper)
@@ -77,6 +79,35 @@ def entry(config_name: str, raw: Sequence[str] = ()) -> Callable[[Callable], Cal
         return main
 
     return decorate
+
+
+def list_each_group_once() -> None:
+    """Make `--help` list the config groups in a fraction of the time.
+
+    Hydra's help asks for each group's options (140 questions here) through a fresh deep copy
+    of its whole config repository every time: 1.6 of the 2 s `--help` took. The answers cannot
+    change within one listing, so each is asked once.
+    """
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.object_type import ObjectType
+
+    ask = ConfigLoaderImpl.get_group_options
+    answers: dict[tuple, list[str]] = {}
+
+    @functools.wraps(ask)
+    def get_group_options(
+        self: ConfigLoaderImpl,
+        group_name: str,
+        results_filter: ObjectType | None = ObjectType.CONFIG,
+        config_name: str | None = None,
+        overrides: list[str] | None = None,
+    ) -> list[str]:
+        key = (id(self), group_name, results_filter, config_name, tuple(overrides or ()))
+        if key not in answers:
+            answers[key] = ask(self, group_name, results_filter, config_name, overrides)
+        return list(answers[key])
+
+    ConfigLoaderImpl.get_group_options = get_group_options
 
 
 # --------------------------------------------------------------------------------- free text
