@@ -18,6 +18,7 @@ from hydra.types import HydraContext
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from bigmodel.errors import UserError
+from bigmodel.hardware import resolve_precision
 from bigmodel.nets import gpt, vit
 from bigmodel.run import build_task, build_trainer, instantiate_all
 from bigmodel.sweep import OptunaSweep, search_space, trial_overrides
@@ -102,9 +103,16 @@ def instantiate_job(cfg: DictConfig, group: str) -> None:
     instantiate_all(cfg.get("logger"))
     if group == "strategy":
         return  # handed to a Trainer by check_strategy
-    # Accelerator-specific trainers (gpu, ddp) are checked for their keys on the CPU here.
+    # Accelerator-specific trainers (gpu, ddp) are checked for their keys on the CPU here,
+    # with precision=auto resolved as the runner resolves it (bigmodel.run.build_trainer)
+    precision = resolve_precision(cfg.trainer.get("precision"), "cpu")
     hydra.utils.instantiate(
-        cfg.trainer, accelerator="cpu", devices=1, strategy="auto", logger=False
+        cfg.trainer,
+        accelerator="cpu",
+        devices=1,
+        strategy="auto",
+        logger=False,
+        precision=precision,
     )
 
 
