@@ -19,7 +19,7 @@ from pathlib import Path
 
 from baby_gpt import ours  # bench/ is on sys.path when this file runs
 
-from bigmodel.hardware import cpu_bf16_instructions
+from bigmodel.hardware import fast_bf16
 
 # name: (overrides of the baseline, overrides of the lever); experiment=baby_gpt runs in
 # precision=auto (bf16-mixed on a CPU with bf16 instructions, where AdamW keeps the foreach
@@ -58,9 +58,10 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         note, steps = "", short
-        if name == BF16 and cpu_bf16_instructions() is None:
+        fast, why = fast_bf16("cpu")
+        if name == BF16 and not fast:
             # emulated bf16 matmuls are ~50x slower than fp32: a few steps tell the ratio
-            note = "this CPU has neither AMX nor AVX-512 BF16: bf16 is emulated"
+            note = f"{why}: bf16 is emulated"
             steps = ["trainer.max_steps=20", "trainer.val_check_interval=10"]
         base = ours(data, work, [*steps, *baseline])
         if "model.compile=true" in extra:

@@ -103,7 +103,8 @@ def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
     if not _is_deepspeed(strategy) and not any(isinstance(p, CheckpointIO) for p in plugins):
         # checkpoint files written atomically (DeepSpeed writes folders of shards its own way)
         plugins.append(AtomicCheckpointIO())
-    precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    accelerator = kwargs.get("accelerator", cfg.trainer.get("accelerator"))
+    precision = resolve_precision(cfg.trainer.get("precision"), accelerator)
     check_precision(precision)
     if precision != cfg.trainer.get("precision"):  # precision=auto: the config records the pick
         with open_dict(cfg):
