@@ -1,4 +1,9 @@
-"""Shared fixtures: hermetic caches, Hydra composition, and the CLI as a subprocess."""
+"""Shared fixtures: hermetic caches, Hydra composition, and the CLI as a process of its own.
+
+`run_cli` and `popen_cli` run a command as its own process, forked from a server that has the
+imports done (tests/forkserver.py); a test that needs a fresh interpreter uses `subprocess` and
+says why.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
+
+from tests import forkserver
 
 # One thread per process: pytest-xdist runs a worker per core and the CLI tests start their own
 # processes; two threads each would oversubscribe the cores (tiny nets get several times slower).
@@ -84,7 +91,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run `python <script> args...` from the repository, with logs and caches under cwd."""
     full_env = {**os.environ, "BIGMODEL_ROOT": str(cwd), **(env or {})}
-    proc = subprocess.run(
+    proc = forkserver.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         env=full_env,
@@ -99,6 +106,14 @@ def run_cli(
             f"\n--- stderr\n{proc.stderr[-5000:]}"
         )
     return proc
+
+
+def popen_cli(script: str, *args: str, cwd: Path, env: dict | None = None, **kwargs):
+    """`subprocess.Popen` of `python <script> args...` (forked; see run_cli)."""
+    full_env = {**os.environ, "BIGMODEL_ROOT": str(cwd), **(env or {})}
+    return forkserver.popen(
+        [sys.executable, str(ROOT / script), *args], cwd=cwd, env=full_env, **kwargs
+    )
 
 
 def logged(run: Path, key: str) -> list[float]:
