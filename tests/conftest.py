@@ -88,10 +88,16 @@ def run_cli(
     env: dict | None = None,
     check: bool = True,
     stdin: str | None = None,
+    fresh: bool = False,
 ) -> subprocess.CompletedProcess:
-    """Run `python <script> args...` from the repository, with logs and caches under cwd."""
+    """Run `python <script> args...` from the repository, with logs and caches under cwd.
+
+    The process is forked from the fork server; fresh=True starts a plain interpreter instead
+    (for what happens at start-up: imports, the first run on a new machine).
+    """
     full_env = {**os.environ, "BIGMODEL_ROOT": str(cwd), **(env or {})}
-    proc = forkserver.run(
+    run = subprocess.run if fresh else forkserver.run
+    proc = run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         env=full_env,

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from tests import forkserver
 from tests.conftest import CONFIGS, ROOT, TINY_LM, run_cli, run_dirs
 
 
@@ -116,7 +117,8 @@ def test_a_run_starts_with_its_directory_overrides_and_options(trained):
     assert head[2].startswith("  options    data=text model=gpt optimizer=adamw")
     assert head[3].startswith(f"  config     logs/train/runs/{run.name}/.hydra/config.yaml")
     assert "CONFIG" not in proc.stdout
-    full = run_cli("train.py", "extras.print_config=full", "--cfg", "job", cwd=root)
+    # a plain interpreter: --cfg job answers without loading torch, which a fork would hide
+    full = run_cli("train.py", "extras.print_config=full", "--cfg", "job", cwd=root, fresh=True)
     assert "n_embd" in full.stdout  # --cfg job answers as before, without a run
 
 
@@ -206,8 +208,26 @@ def test_model_and_optimizer_from_the_command_line(tmp_path):
     assert built == ["Adam"], built
 
 
+@pytest.mark.parametrize("ask", [["--help"], ["--cfg", "job"]])
+def test_help_and_cfg_job_answer_without_importing_torch(tmp_path, ask):
+    """A plain interpreter (what it imports is the point): -X importtime lists every import."""
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", str(ROOT / "train.py"), *ask],
+        cwd=tmp_path,
+        env={**os.environ, "BIGMODEL_ROOT": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
+    assert "hydra" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("torch", "lightning")}
+
+
 def test_help_lists_the_groups(tmp_path):
-    out = run_cli("train.py", "--help", cwd=tmp_path).stdout
+    # a plain interpreter: --help answers without loading torch, which a fork would hide
+    out = run_cli("train.py", "--help", cwd=tmp_path, fresh=True).stdout
     for group in (
         "model",
         "data",
@@ -290,7 +310,7 @@ def test_two_runs_in_the_same_second_get_two_directories(tmp_path):
     ]
     env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
     procs = [
-        subprocess.Popen(
+        forkserver.popen(
             args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
         for _ in range(2)

@@ -26,6 +26,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from tests import forkserver
 from tests.conftest import ROOT, TINY_LM, compose_config, run_cli, run_dirs
 
 COLUMNS = 100
@@ -37,7 +38,7 @@ def run_on_terminal(script: str, *args: str, cwd: Path, timeout: float = 300) ->
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, COLUMNS, 0, 0))
     env = {**os.environ, "BIGMODEL_ROOT": str(cwd)}
     env.pop("COLUMNS", None)
-    proc = subprocess.Popen(
+    proc = forkserver.popen(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd,
         env=env,

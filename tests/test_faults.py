@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import forkserver
 from tests.conftest import ROOT, TINY_LM, run_cli
 from tests.test_resume import assert_same_end, corpus
 
@@ -42,8 +43,11 @@ def command(root: Path, run_dir: Path, max_steps: int = 120) -> list[str]:
     ]
 
 
-def start(root: Path, args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(
+def start(root: Path, args: list[str], fresh: bool = False) -> subprocess.Popen:
+    """`python train.py args...` in the background; fresh: a plain interpreter, not forked
+    (kill -9 shows what the kernel leaves of a whole interpreter, so those runs start cold)."""
+    popen = subprocess.Popen if fresh else forkserver.popen
+    return popen(
         [sys.executable, str(ROOT / "train.py"), *args],
         cwd=root,
         env={**os.environ, "BIGMODEL_ROOT": str(root), **ENV},
@@ -88,7 +92,7 @@ def test_sigkill_at_random_points_and_during_a_save_then_the_same_command(tmp_pa
     rng = random.Random(int(os.environ.get("FAULT_SEED", "0")) or None)
     targets = sorted(rng.sample(range(8, 100), 3))
     for target in targets:  # kill -9 once training has logged `target` steps
-        proc = start(tmp_path, args)
+        proc = start(tmp_path, args, fresh=True)
         seen = wait_for_step(proc, run_dir, target)
         proc.kill()
         proc.wait()
@@ -101,7 +105,7 @@ def test_sigkill_at_random_points_and_during_a_save_then_the_same_command(tmp_pa
         assert 0 <= lost <= INTERVAL, (target, seen, saved["global_step"])
 
     # once more, now during a write of last.ckpt: kill -9 as soon as its temporary file appears
-    proc = start(tmp_path, args)
+    proc = start(tmp_path, args, fresh=True)
     ckpt_dir = run_dir / "checkpoints"
     deadline, partial = time.monotonic() + 120, []
     while not partial and proc.poll() is None and time.monotonic() < deadline:
@@ -162,6 +166,7 @@ def test_a_failed_checkpoint_write_stops_the_run_with_one_line_and_keeps_the_pre
     def small_files() -> None:  # the kernel refuses writes past half a checkpoint (EFBIG)
         resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
 
+    # a plain interpreter: the file-size limit is set between fork and exec (preexec_fn)
     proc = subprocess.run(
         [sys.executable, str(ROOT / "train.py"), *command(tmp_path, run_dir, max_steps=20)],
         cwd=tmp_path,

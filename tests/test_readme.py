@@ -30,6 +30,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from tests import forkserver
 from tests.conftest import ROOT, run_cli
 from tests.test_audio import tone, write_wav_folder
 from tests.test_image import write_image_folder
@@ -313,7 +314,10 @@ def quick(argv: list[str]) -> list[str]:
     return suffix
 
 
-def run_command(cmd: Command, cwd: Path, previous: list[str] | None) -> list[str]:
+def run_command(
+    cmd: Command, cwd: Path, previous: list[str] | None, fresh: bool = False
+) -> list[str]:
+    """Run one README command; fresh: in a plain interpreter (not forked), as first typed."""
     argv = fill(cmd.argv, cwd, previous)
     where = f"README line {cmd.line}: {cmd.text}"
     if cmd.needs:
@@ -329,7 +333,9 @@ def run_command(cmd: Command, cwd: Path, previous: list[str] | None) -> list[str
     if argv[0] == "-m":
         proc = run_cli_module(argv[1:], cwd)
     else:
-        proc = run_cli(argv[0], *argv[1:], *quick(argv), cwd=cwd, check=False, timeout=600)
+        proc = run_cli(
+            argv[0], *argv[1:], *quick(argv), cwd=cwd, check=False, timeout=600, fresh=fresh
+        )
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"{where}\nexited {proc.returncode}:\n{output[-5000:]}"
     assert "Traceback (most recent call last)" not in output, f"{where}\n{output[-5000:]}"
@@ -339,7 +345,7 @@ def run_command(cmd: Command, cwd: Path, previous: list[str] | None) -> list[str
 def run_cli_module(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     """`python -m <module> args...`, as the README writes it."""
     env = {**os.environ, "BIGMODEL_ROOT": str(cwd)}
-    return subprocess.run(
+    return forkserver.run(
         [sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True
     )
 
@@ -358,8 +364,10 @@ SLOW_SECTIONS = ("translation-sequence-to-sequence-bleu", "optuna-searches-that-
 )
 def test_readme_block_runs_as_written(block: Block, tmp_path):
     previous = None
+    # the quickstart runs in plain interpreters, exactly as typed on a new machine
+    fresh = block is BLOCKS[0]
     for cmd in block.commands:
-        previous = run_command(cmd, tmp_path, previous)
+        previous = run_command(cmd, tmp_path, previous, fresh=fresh)
 
 
 # ------------------------------------------------------------------------------- the parser

@@ -21,6 +21,7 @@ import pytest
 from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
+from tests import forkserver
 from tests.conftest import ROOT, run_cli
 
 # A tiny GPT, and every searched key of gpt_optuna fixed except the learning rate.
@@ -290,7 +291,7 @@ def test_sweep_killed_mid_trial_resumes_without_counting_twice(tmp_path):
     env = {**os.environ, "BIGMODEL_ROOT": str(tmp_path)}
     with (tmp_path / "killed.log").open("w") as out:
         # a session of its own: the kill takes the whole process group, as a scheduler's would
-        proc = subprocess.Popen(
+        proc = forkserver.popen(
             [sys.executable, str(ROOT / "train.py"), *args],
             cwd=tmp_path,
             env=env,
