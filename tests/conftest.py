@@ -45,6 +45,76 @@ TINY_LM = [
 ]
 
 
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+# One training run per model family, trained once per test session (per test worker) by the
+# `trained` fixture and shared by the tests that only read a run: eval, generate, export,
+# predict, serve. A few steps each: those tests need trained weights, not good ones.
+FAMILIES = {
+    "lm": TINY_LM,  # the tiny GPT every CLI test starts from, with the user's defaults
+    "cnn": ["experiment=digits_cnn", "trainer.max_epochs=3", "model.net.widths=[16,32]"],
+    "vit": [
+        "experiment=digits_vit",
+        "trainer.max_epochs=1",
+        "model.net.n_layer=1",
+        "model.net.n_embd=32",
+        "model.net.pool=mean",
+    ],
+    "audio": [
+        "experiment=spoken_digits",
+        "data.clips_per_class=10",
+        "data.num_speakers=4",
+        "trainer.max_epochs=1",
+        "model.net.widths=[8,16]",
+    ],
+    "mlp": ["experiment=regression", "trainer.max_epochs=3"],
+    "gpt": [*TINY_LM, "trainer.max_steps=60", "optimizer.lr=0.01", "trainer.val_check_interval=30"],
+    "seq2seq": [
+        "experiment=translation",
+        "data.num_train=300",
+        "data.num_val=20",
+        "data.num_test=20",
+        "data.vocab_size=300",
+        "model.net.n_embd=32",
+        "model.net.n_head=2",
+        "model.net.n_enc_layer=1",
+        "model.net.n_dec_layer=1",
+        "model.test_beam_size=1",
+        "data.batch_size=32",
+        "optimizer.lr=0.005",
+        "trainer.max_steps=150",
+        "trainer.val_check_interval=150",
+        "scheduler.scheduler.warmup_steps=10",
+    ],
+}
+
+
+class Trained:
+    """family -> the directory of its training run (`python train.py *FAMILIES[family]`), and
+    `.proc(family)`, what that run printed. Tests read these runs and never write into them."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.runs, self.procs = root, {}, {}
+
+    def __call__(self, family: str) -> Path:
+        if family not in self.runs:
+            cwd = self.root / family
+            cwd.mkdir()
+            env = None if family == "lm" else ONE_THREAD
+            self.procs[family] = run_cli("train.py", *FAMILIES[family], cwd=cwd, env=env)
+            (self.runs[family],) = run_dirs(cwd)
+        return self.runs[family]
+
+    def proc(self, family: str) -> subprocess.CompletedProcess:
+        self(family)
+        return self.procs[family]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory) -> Trained:
+    return Trained(tmp_path_factory.mktemp("trained"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def hermetic_env(tmp_path_factory):
     """Point every cache that tools write to the home folder at a temporary one."""

@@ -16,16 +16,19 @@ from tests.conftest import CONFIGS, ROOT, TINY_LM, run_cli, run_dirs
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """One tiny training run shared by the tests that read its outputs."""
-    root = tmp_path_factory.mktemp("trained")
-    proc = run_cli("train.py", *TINY_LM, cwd=root)
-    (run,) = run_dirs(root)
-    return root, run, proc
+def lm(trained, tmp_path_factory):
+    """The session's tiny LM run (conftest `trained`), and a folder of this module's own to
+    run eval and generate from."""
+    run = trained("lm")
+    root = tmp_path_factory.mktemp("cli")
+    # `ckpt_path=last` looks for the newest run under the folder it is run from
+    (root / "logs" / "train" / "runs").mkdir(parents=True)
+    (root / "logs" / "train" / "runs" / run.name).symlink_to(run)
+    return root, run, trained.proc("lm")
 
 
-def test_run_directory_holds_everything(trained):
-    root, run, proc = trained
+def test_run_directory_holds_everything(lm):
+    root, run, proc = lm
     assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d{6}", run.name)
     for rel in (
         ".hydra/config.yaml",
@@ -50,8 +53,8 @@ def test_run_directory_holds_everything(trained):
     assert "\x1b[" not in proc.stdout + proc.stderr
 
 
-def test_checkpoints_are_plain_data(trained):
-    _, run, _ = trained
+def test_checkpoints_are_plain_data(lm):
+    _, run, _ = lm
     for ckpt in (run / "checkpoints").glob("*.ckpt"):
         state = torch.load(ckpt, map_location="cpu", weights_only=True)
         assert state["bigmodel"]["config"]["model"]["net"]["n_embd"] == 32
@@ -59,8 +62,8 @@ def test_checkpoints_are_plain_data(trained):
         assert "optimizer_states" in state and "lr_schedulers" in state
 
 
-def test_eval_reproduces_test_metrics(trained):
-    root, run, _ = trained
+def test_eval_reproduces_test_metrics(lm):
+    root, run, _ = lm
     best = next((run / "checkpoints").glob("best_step*.ckpt"))
     proc = run_cli("eval.py", f"ckpt_path={best}", cwd=root)
     got = dict(re.findall(r"^(test/\w+): ([\d.]+)$", proc.stdout, re.M))
@@ -78,8 +81,8 @@ def test_eval_reproduces_test_metrics(trained):
     assert not re.search(r"^test/ppl: ", proc.stdout, re.M)
 
 
-def test_generate_prints_a_reproducible_sample(trained):
-    root, run, _ = trained
+def test_generate_prints_a_reproducible_sample(lm):
+    root, run, _ = lm
     args = [
         f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
         "prompt=The",
@@ -93,9 +96,9 @@ def test_generate_prints_a_reproducible_sample(trained):
     assert len(a.strip()) >= 40
 
 
-def test_generate_takes_prompts_as_typed_from_a_file_or_stdin(trained):
+def test_generate_takes_prompts_as_typed_from_a_file_or_stdin(lm):
     """No Hydra quoting: commas, brackets and quotes as the shell passes them."""
-    root, run, _ = trained
+    root, run, _ = lm
     prompt = "Hello, world (it's [a] test)"
     (root / "prompt.txt").write_text(prompt)
     ckpt = f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}"
@@ -108,9 +111,9 @@ def test_generate_takes_prompts_as_typed_from_a_file_or_stdin(trained):
     assert not list(root.glob("*.log")) and not (root / "logs" / "generate").exists()
 
 
-def test_a_run_starts_with_its_directory_overrides_and_options(trained):
+def test_a_run_starts_with_its_directory_overrides_and_options(lm):
     """The short summary by default; the whole tree behind extras.print_config=full."""
-    root, run, proc = trained
+    root, run, proc = lm
     head = proc.stdout.splitlines()[:4]
     assert head[0] == f"train: run directory logs/train/runs/{run.name}"
     assert head[1] == f"  overrides  {' '.join(TINY_LM)}"
@@ -177,11 +180,12 @@ def test_resume_continues_exactly(tmp_path):
     assert a["lr_schedulers"][0]["last_epoch"] == b["lr_schedulers"][0]["last_epoch"]
 
 
-def test_ckpt_path_last_finds_the_newest_run(trained, tmp_path):
-    root, run, _ = trained
+def test_ckpt_path_last_finds_the_newest_run(lm, tmp_path):
+    root, run, _ = lm
     proc = run_cli("eval.py", "ckpt_path=last", cwd=root)
     assert "test/loss" in proc.stdout
-    assert f"ckpt_path=last: {run / 'checkpoints' / 'last.ckpt'}" in proc.stderr  # says which
+    found = root / "logs" / "train" / "runs" / run.name / "checkpoints" / "last.ckpt"
+    assert f"ckpt_path=last: {found}" in proc.stderr  # says which
 
 
 def test_eval_finds_the_corpus_from_anywhere_and_takes_a_moved_one(tmp_path):

@@ -16,65 +16,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tests.conftest import TINY_LM, run_cli, run_dirs
+from tests.conftest import FAMILIES, run_cli
 
-ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-
-# a few steps each: the figures compared here need trained weights, not good ones
-FAMILIES = {
-    "cnn": ["experiment=digits_cnn", "trainer.max_epochs=3", "model.net.widths=[16,32]"],
-    "vit": [
-        "experiment=digits_vit",
-        "trainer.max_epochs=1",
-        "model.net.n_layer=1",
-        "model.net.n_embd=32",
-        "model.net.pool=mean",
-    ],
-    "audio": [
-        "experiment=spoken_digits",
-        "data.clips_per_class=10",
-        "data.num_speakers=4",
-        "trainer.max_epochs=1",
-        "model.net.widths=[8,16]",
-    ],
-    "mlp": ["experiment=regression", "trainer.max_epochs=3"],
-    "gpt": [*TINY_LM, "trainer.max_steps=60", "optimizer.lr=0.01", "trainer.val_check_interval=30"],
-    "seq2seq": [
-        "experiment=translation",
-        "data.num_train=300",
-        "data.num_val=20",
-        "data.num_test=20",
-        "data.vocab_size=300",
-        "model.net.n_embd=32",
-        "model.net.n_head=2",
-        "model.net.n_enc_layer=1",
-        "model.net.n_dec_layer=1",
-        "model.test_beam_size=1",
-        "data.batch_size=32",
-        "optimizer.lr=0.005",
-        "trainer.max_steps=150",
-        "trainer.val_check_interval=150",
-        "scheduler.scheduler.warmup_steps=10",
-    ],
-}
 # the fast suite exports the two models the README serves; the rest run with -m slow
 SLOW = {"vit", "audio", "seq2seq", "mlp"}
-
-
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory):
-    """family -> its training run directory (trained once per test session)."""
-    root, runs = tmp_path_factory.mktemp("trained"), {}
-
-    def get(family: str) -> Path:
-        if family not in runs:
-            cwd = root / family
-            cwd.mkdir()
-            run_cli("train.py", *FAMILIES[family], cwd=cwd, env=ONE_THREAD)
-            (runs[family],) = run_dirs(cwd)
-        return runs[family]
-
-    return get
 
 
 def family_params(families=FAMILIES):

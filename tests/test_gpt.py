@@ -180,11 +180,9 @@ def test_sample_callback_survives_a_diverged_model(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("gpt_run")
-    run_cli("train.py", *TINY_LM, "test=false", cwd=root)
-    (run,) = run_dirs(root)
-    return root, run / "checkpoints" / "last.ckpt"
+def checkpoint(trained, tmp_path_factory):
+    """The session's tiny LM run (conftest `trained`), and a folder to generate from."""
+    return tmp_path_factory.mktemp("gpt"), trained("lm") / "checkpoints" / "last.ckpt"
 
 
 @pytest.mark.parametrize(

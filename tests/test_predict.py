@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import run_cli
-from tests.test_export import export, net_from_checkpoint, trained  # noqa: F401
+from tests.test_export import export, net_from_checkpoint
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -48,7 +48,7 @@ def predict(*args: str, cwd: Path, check: bool = True):
     return run_cli("predict.py", "progress=false", *args, cwd=cwd, check=check)
 
 
-def test_digits_folder_accuracy_is_the_test_accuracy(trained, tmp_path):  # noqa: F811
+def test_digits_folder_accuracy_is_the_test_accuracy(trained, tmp_path):
     run = trained("cnn")
     ckpt = best_checkpoint(run)  # the one train.py tested
     n = write_test_split_pngs(ckpt, tmp_path / "digits")
@@ -84,7 +84,7 @@ def test_digits_folder_accuracy_is_the_test_accuracy(trained, tmp_path):  # noqa
 
 
 @pytest.mark.slow  # an export and a second prediction: ~15 s
-def test_the_onnx_folder_predicts_as_the_checkpoint(trained, tmp_path):  # noqa: F811
+def test_the_onnx_folder_predicts_as_the_checkpoint(trained, tmp_path):
     ckpt = best_checkpoint(trained("cnn"))
     write_test_split_pngs(ckpt, tmp_path / "digits")
     predict(f"ckpt_path={ckpt}", "input=digits", "output=p.csv", cwd=tmp_path)
@@ -100,7 +100,7 @@ def test_the_onnx_folder_predicts_as_the_checkpoint(trained, tmp_path):  # noqa:
 
 
 @pytest.mark.slow
-def test_a_list_of_image_paths(trained, tmp_path):  # noqa: F811
+def test_a_list_of_image_paths(trained, tmp_path):
     ckpt = best_checkpoint(trained("cnn"))
     write_test_split_pngs(ckpt, tmp_path / "digits")
     files = sorted((tmp_path / "digits").rglob("*.png"))[:5]
@@ -111,7 +111,7 @@ def test_a_list_of_image_paths(trained, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_prompts_give_the_generations_of_generate_py(trained, tmp_path):  # noqa: F811
+def test_prompts_give_the_generations_of_generate_py(trained, tmp_path):
     run = trained("gpt")
     ckpt = run / "checkpoints" / "last.ckpt"
     prompts = ["The ", "It was"]
@@ -135,7 +135,7 @@ def test_prompts_give_the_generations_of_generate_py(trained, tmp_path):  # noqa
 
 
 @pytest.mark.slow
-def test_rows_of_numbers_give_the_regression_outputs(trained, tmp_path):  # noqa: F811
+def test_rows_of_numbers_give_the_regression_outputs(trained, tmp_path):
     run = trained("mlp")
     ckpt = run / "checkpoints" / "last.ckpt"
     net, _, _ = net_from_checkpoint(ckpt)
@@ -155,7 +155,7 @@ def test_rows_of_numbers_give_the_regression_outputs(trained, tmp_path):  # noqa
 
 
 @pytest.mark.slow
-def test_sentences_give_the_translations_of_generate_py(trained, tmp_path):  # noqa: F811
+def test_sentences_give_the_translations_of_generate_py(trained, tmp_path):
     run = trained("seq2seq")
     ckpt = run / "checkpoints" / "last.ckpt"
     sentences = ["She buys a red apple.", "The two cups are on the table."]
@@ -179,7 +179,7 @@ def test_sentences_give_the_translations_of_generate_py(trained, tmp_path):  # n
 
 
 @pytest.mark.slow
-def test_audio_files_from_a_folder(trained, tmp_path):  # noqa: F811
+def test_audio_files_from_a_folder(trained, tmp_path):
     import soundfile as sf
 
     from bigmodel.checkpoints import restore

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT
-from tests.test_export import export, net_from_checkpoint, trained  # noqa: F401
+from tests.test_export import export, net_from_checkpoint
 
 
 def free_port() -> int:
@@ -122,7 +122,7 @@ def b64(data: bytes) -> str:
 
 
 @pytest.fixture(scope="module")
-def digits(trained, tmp_path_factory):  # noqa: F811
+def digits(trained, tmp_path_factory):
     """The digits CNN served from its checkpoint, batching on, and its test images and labels."""
     from bigmodel.checkpoints import restore
 
@@ -215,7 +215,7 @@ def test_sigterm_stops_the_server_and_its_workers(digits):
 
 
 @pytest.mark.slow  # ~25 s: its own server, from an ONNX export
-def test_language_model_server(trained, tmp_path):  # noqa: F811
+def test_language_model_server(trained, tmp_path):
     """The char GPT from an exported ONNX folder: greedy text as the net's own, streaming, and the
     prompt checks (context length, max_new_tokens limit, types, unknown characters)."""
     from bigmodel.data.tokenizers import tokenizer_from_dict
@@ -263,7 +263,7 @@ def test_language_model_server(trained, tmp_path):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_regression_audio_and_translation_servers(trained, tmp_path):  # noqa: F811
+def test_regression_audio_and_translation_servers(trained, tmp_path):
     import soundfile as sf
 
     net, _, _ = net_from_checkpoint(trained("mlp") / "checkpoints" / "last.ckpt")
@@ -430,7 +430,7 @@ def test_prompt_checks_of_the_server():
 
 
 @pytest.mark.slow  # two servers (batching on and off): about 30 s
-def test_serving_benchmark_runs(trained, tmp_path):  # noqa: F811
+def test_serving_benchmark_runs(trained, tmp_path):
     """bench/serve.py with a handful of requests: it starts, drives and stops the servers and
     prints its table (the figures themselves belong to a quiet machine)."""
     ckpt = trained("cnn") / "checkpoints" / "last.ckpt"
