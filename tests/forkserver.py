@@ -19,9 +19,10 @@ Faithfulness (each checked in tests/test_forkserver.py against a plain subproces
   global generator here;
 - a traceback shows the script's frames only; an uncaught KeyboardInterrupt ends the child by
   SIGINT, as CPython does;
-- a command this server cannot reproduce runs as a plain subprocess instead: interpreter flags
-  (`-c`, `-X`, `-W` ...), `PYTHON*` variables that act at interpreter start, `pass_fds`,
-  `preexec_fn`, another user or group, or another executable.
+- `python script.py`, `python -m module` and `python -c code` are served; a command the server
+  cannot reproduce runs as a plain subprocess instead: other interpreter flags (`-X`, `-W`
+  ...), `PYTHON*` variables that act at interpreter start (PYTHONPATH: the server's modules
+  are already imported), `pass_fds`, `preexec_fn`, another user or group, another executable.
 
 Tests that need a truly fresh interpreter call `subprocess` themselves and say why.
 """
@@ -41,6 +42,7 @@ import tempfile
 import threading
 import time
 import traceback
+import types
 from collections.abc import Sequence
 
 # Variables that CPython reads once at start-up: a command that sets them differently from the
@@ -66,6 +68,7 @@ STARTUP_VARS = (
     "LD_LIBRARY_PATH",
     "MALLOC_CONF",
 )
+SERVER_FILE = __file__
 # What the server imports before it forks: everything an entry point loads before it trains.
 PRELOAD = ("torch", "lightning", "torchmetrics", "hydra", "omegaconf", "bigmodel.run")
 
@@ -170,20 +173,32 @@ def setup_threads(default_threads: int) -> None:
 
 
 def run_main(argv: list[str], cwd: str) -> int:
-    """Run `argv[1:]` (a script or `-m module`) as `__main__`; the exit status CPython gives."""
-    if argv[1] == "-m":
-        module, sys.argv = argv[2], [argv[2], *argv[3:]]
-        sys.path[0] = cwd
+    """Run `argv[1:]` (a script, `-m module` or `-c code`) as `__main__`; the exit status
+    CPython gives."""
+    kind = argv[1]
+    if kind == "-m":
+        module, sys.argv = argv[2], ["-m", *argv[3:]]
+        sys.path[0] = os.getcwd()
         entry = None
+    elif kind == "-c":
+        source, sys.argv = argv[2], ["-c", *argv[3:]]
+        sys.path[0] = ""
+        entry = "<string>"
     else:
-        script = os.path.abspath(argv[1])
+        script = os.path.abspath(kind)
         sys.argv = argv[1:]
         sys.path[0] = os.path.dirname(script)
         entry = script
+    # a `__main__` of the command's own (the server's stays as it is)
+    main = types.ModuleType("__main__")
+    main.__dict__["__builtins__"] = __builtins__
+    sys.modules["__main__"] = main
     try:
         try:
             if entry is None:
-                runpy.run_module(module, run_name="__main__", alter_sys=True)
+                runpy._run_module_as_main(module, alter_argv=True)  # what `python -m` calls
+            elif entry == "<string>":
+                exec(compile(source, "<string>", "exec"), main.__dict__)
             else:
                 runpy.run_path(entry, run_name="__main__")
             code = 0
@@ -220,11 +235,11 @@ def exit_status(e: SystemExit) -> int:
 def print_traceback(e: BaseException, entry: str | None) -> None:
     """The traceback a plain run prints: frames from the script on (runpy's and ours cut)."""
     tb = e.__traceback__
-    if entry is not None:
+    if entry is not None:  # a script or -c: its frames only
         while tb is not None and tb.tb_frame.f_code.co_filename != entry:
             tb = tb.tb_next
-    else:
-        while tb is not None and "runpy" in tb.tb_frame.f_code.co_filename:
+    else:  # -m: from runpy's _run_module_as_main on, as `python -m` shows it
+        while tb is not None and tb.tb_frame.f_code.co_filename == SERVER_FILE:
             tb = tb.tb_next
     tb = tb or e.__traceback__
     sys.excepthook(type(e), e.with_traceback(tb), tb)
@@ -322,7 +337,7 @@ def servable(args: Sequence[str], env: dict | None, kwargs: dict) -> bool:
     if os.fspath(args[0]) != sys.executable:
         return False
     first = os.fspath(args[1])
-    if first == "-m":
+    if first in ("-m", "-c"):
         if len(args) < 3:
             return False
     elif first.startswith("-") or not first.endswith(".py"):

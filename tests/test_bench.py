@@ -6,10 +6,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
 import sys
 from pydoc_data.topics import topics
 
+from tests import forkserver
 from tests.conftest import ROOT
 
 
@@ -30,7 +30,7 @@ def test_the_nanogpt_reference_learns_characters(tmp_path):
     text = "\n".join(topics[k] for k in sorted(topics))[:200_000]
     (tmp_path / "t.txt").write_text(text)
     vocab = len(set(text))
-    proc = subprocess.run(
+    proc = forkserver.run(
         [
             sys.executable,
             str(ROOT / "bench" / "nanogpt_reference.py"),

@@ -236,7 +236,7 @@ def test_metrics_csv_keeps_every_row_when_a_rewrite_is_killed(tmp_path):
     def write(first: int, count: int, extra: int = 0, limit: int = 0) -> int:
         args = [str(tmp_path), str(first), str(count), str(extra), str(limit)]
         cmd = [sys.executable, "-c", CSV_WRITER, *args]
-        return subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode
+        return forkserver.run(cmd, cwd=ROOT, capture_output=True).returncode
 
     def steps() -> list[int]:
         with open(tmp_path / "csv" / "metrics.csv", newline="") as f:

@@ -176,6 +176,23 @@ def test_a_signal_mid_run_is_answered_as_by_a_plain_process(tmp_path, sig, statu
     assert results["forked"][0] == status and not results["forked"][2]
 
 
+def test_python_c_and_python_m_are_served_as_python_runs_them(tmp_path):
+    """sys.argv, sys.path[0], __name__ and a traceback from `-c` code and a `-m` module."""
+    code = "import sys; print(sys.argv, repr(sys.path[0]), __name__); 1 / int(sys.argv[1])"
+    module = code.replace("; 1 /", "\nif __name__ == '__main__':\n    1 /")
+    for how in ("forked", "plain"):  # a module in the folder each command runs from
+        (tmp_path / how).mkdir()
+        (tmp_path / how / "mod_here.py").write_text(module)
+    for argv in ([sys.executable, "-c", code, "0"], [sys.executable, "-m", "mod_here", "0"]):
+        assert forkserver.servable(argv, None, {})
+        forked, plain = both(argv, tmp_path)
+        f_cwd, p_cwd = tmp_path / "forked", tmp_path / "plain"
+        assert forked.returncode == plain.returncode == 1
+        assert normal(forked.stdout, f_cwd) == normal(plain.stdout, p_cwd)
+        assert normal(forked.stderr, f_cwd) == normal(plain.stderr, p_cwd)
+        assert "ZeroDivisionError" in forked.stderr
+
+
 def test_what_the_server_cannot_reproduce_runs_in_a_plain_process(tmp_path):
     """Interpreter flags and start-up variables need a fresh interpreter: popen falls back."""
     script = tmp_path / "s.py"
