@@ -200,3 +200,17 @@ def logged(run: Path, key: str) -> list[float]:
 
 def run_dirs(root: Path, task_name: str = "train") -> list[Path]:
     return sorted((root / "logs" / task_name / "runs").iterdir())
+
+
+# Tests that start plain interpreters (seconds of imports each) run first, so that the worker
+# that takes them is not the last to finish while the other has run out of tests.
+COLD_FIRST = (
+    "tests/test_readme.py::test_readme_block_runs_as_written[L7-",  # the quickstart as typed
+    "tests/test_extending.py::",  # PYTHONPATH names a copy of the package
+    "tests/test_forkserver.py::",  # each command twice, once in a plain interpreter
+    "tests/test_notebook.py::",  # a Jupyter kernel
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(COLD_FIRST))  # stable: else as is

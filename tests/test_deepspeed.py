@@ -151,6 +151,7 @@ def _torchrun(tmp_path: Path, *args: str, timeout: float = 600) -> dict:
         str(out),
         *args,
     ]
+    # plain interpreters: torchrun starts the ranks, each with its own process group
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
     )

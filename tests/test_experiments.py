@@ -7,11 +7,11 @@ for a few steps through tests/test_readme.py (every experiment has a README comm
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 
 import pytest
 
+from tests import forkserver
 from tests.conftest import ROOT, run_cli, run_dirs
 
 pytestmark = pytest.mark.slow
@@ -44,7 +44,7 @@ def test_experiment_reaches_its_documented_quality(name, tmp_path):
 def test_baby_gpt_on_the_bench_corpus(tmp_path):
     """nanoGPT's baby GPT on the ~1.1 MB Shakespeare corpus: val/loss <= 1.95 in 2000 steps."""
     corpus = tmp_path / "data" / "shakespeare.txt"
-    subprocess.run(
+    forkserver.run(
         [sys.executable, str(ROOT / "bench" / "shakespeare.py"), "--out", str(corpus)], check=True
     )
     run_cli("train.py", "experiment=baby_gpt", f"data.path={corpus}", cwd=tmp_path, timeout=1800)

@@ -78,6 +78,7 @@ def test_a_new_model_and_dataset_train_as_the_readme_says(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(project / "src"), "BIGMODEL_ROOT": str(project)}
     outputs = []
     for cmd in commands:
+        # a plain interpreter: PYTHONPATH puts the copy's package first, which a fork would hide
         proc = subprocess.run(
             [sys.executable, *cmd[1:]], cwd=project, env=env, capture_output=True, text=True,
             timeout=600,

@@ -249,6 +249,7 @@ def ddp_main(root: str) -> None:
 
 @pytest.mark.slow  # CI runs it after the fast suite
 def test_ranks_skip_and_stop_together(tmp_path):
+    # a plain interpreter: it starts DDP ranks with a process group of their own
     proc = subprocess.run(
         [sys.executable, "-m", "tests.test_loss_guard", str(tmp_path)],
         cwd=ROOT,

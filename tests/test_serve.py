@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests import forkserver
 from tests.conftest import ROOT
 from tests.test_export import export, net_from_checkpoint
 
@@ -40,6 +41,7 @@ class Server:
         self.port, self.cwd = free_port(), cwd
         self.log = open(cwd / f"serve_{self.port}.log", "w")  # noqa: SIM115 (closed in stop)
         env = {**os.environ, "BIGMODEL_ROOT": str(cwd), "OMP_NUM_THREADS": "1"}
+        # a plain interpreter: the server runs its own worker processes and event loop
         self.proc = subprocess.Popen(
             [sys.executable, str(ROOT / "serve.py"), f"port={self.port}", *args],
             cwd=cwd,
@@ -380,7 +382,7 @@ def test_readme_deploying_commands_run(tmp_path):
             try:
                 if "digits" in line:
                     code = client.replace("8000", str(server.port))
-                    proc = subprocess.run(
+                    proc = forkserver.run(
                         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True
                     )
                     assert proc.returncode == 0, proc.stderr
@@ -434,6 +436,7 @@ def test_serving_benchmark_runs(trained, tmp_path):
     """bench/serve.py with a handful of requests: it starts, drives and stops the servers and
     prints its table (the figures themselves belong to a quiet machine)."""
     ckpt = trained("cnn") / "checkpoints" / "last.ckpt"
+    # a plain interpreter: the benchmark starts and stops servers of its own
     proc = subprocess.run(
         [
             sys.executable,
