@@ -73,12 +73,26 @@ def entry(config_name: str, raw: Sequence[str] = ()) -> Callable[[Callable], Cal
                 if full_errors():
                     raise
                 fail(explain(e, sys.argv[1:], config_dir, config_name))
+            except KeyboardInterrupt as e:  # Ctrl-C, or a sweep / job stopped by a signal
+                if full_errors():
+                    raise
+                stopped(e)
             finally:
                 sys.argv = argv
 
         return main
 
     return decorate
+
+
+def stopped(e: KeyboardInterrupt) -> None:
+    """End on a signal with one line and status 128 + its number (130 for Ctrl-C)."""
+    import signal
+
+    signum = getattr(e, "signum", signal.SIGINT)
+    message = getattr(e, "message", "") or "interrupted before anything was saved"
+    print(f"stopped by {signal.Signals(signum).name}: {message}", file=sys.stderr, flush=True)
+    sys.exit(128 + signum)
 
 
 def list_each_group_once() -> None:

@@ -32,6 +32,19 @@ class UserError(Exception):
     """
 
 
+class Stopped(KeyboardInterrupt):
+    """A run or a sweep stopped by a signal after saving what it had.
+
+    The command ends with `stopped by <SIGNAL>: <message>` on stderr and exit status 128 + the
+    signal's number, so that schedulers and retry logic see a stopped job, not a finished one
+    (bigmodel.cli). A KeyboardInterrupt, so that whatever catches Ctrl-C catches it too.
+    """
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum, self.message = signum, message
+
+
 def full_errors() -> bool:
     """True when the user set HYDRA_FULL_ERROR=1: raise everything, with its traceback."""
     return os.environ.get(USER_FULL_ERROR, os.environ.get("HYDRA_FULL_ERROR", "")) == "1"

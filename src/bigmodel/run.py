@@ -48,8 +48,9 @@ from bigmodel.config_checks import (
     generation_options,
 )
 from bigmodel.distributed import derive_accumulation
-from bigmodel.errors import UserError, is_multirun, reports_user_errors, root_cause
+from bigmodel.errors import Stopped, UserError, is_multirun, reports_user_errors, root_cause
 from bigmodel.hardware import resolve_precision
+from bigmodel.jobs import mark_stopped
 from bigmodel.launcher import fresh_process_group, patch_ddp_hydra_launcher
 from bigmodel.loggers import flat_config
 from bigmodel.pretrained import build as build_pretrained
@@ -159,8 +160,12 @@ def train(cfg: DictConfig) -> float | None:
         try:
             return _train(cfg)
         except SIGTERMException:
-            if is_multirun():  # the sweeper records the trial as cut off
-                raise
+            if is_multirun():  # the sweep records the job as cut off, and stops with its line
+                signum = stopped_by() or signal.SIGTERM
+                mark_stopped(signal.Signals(signum).name)
+                raise Stopped(
+                    signum, f"the job in {output_dir(cfg)} saved checkpoints/last.ckpt"
+                ) from None
             with contextlib.suppress(ValueError):  # saved already: ignore more, on our way out
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
                     signal.signal(sig, signal.SIG_IGN)
@@ -262,13 +267,23 @@ def _train(cfg: DictConfig) -> float | None:
         return None
     if name not in metrics:
         logged = ", ".join(sorted(metrics))
-        if is_multirun() and cfg.get("train", True):  # a sweep has nothing to rank this trial by
+        if is_multirun() and cfg.get("train", True) and _sweeper_ranks_jobs():
+            # an Optuna sweep has nothing to rank this trial by; a grid needs no metric
             raise UserError(f"optimized_metric={name} was not logged; logged metrics: {logged}")
         # a plain run ends well without it (a run shorter than one validation interval, say):
         # only a sweep ranks runs by it
         log.debug(f"optimized_metric={name} was not logged (logged: {logged})")
         return None
     return metrics[name]
+
+
+def _sweeper_ranks_jobs() -> bool:
+    """Whether this multirun's sweeper ranks its jobs by `optimized_metric` (Hydra's own grid
+    sweeper does not)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    target = str(HydraConfig.get().sweeper.get("_target_", ""))
+    return not target.endswith("BasicSweeper")
 
 
 @reports_user_errors

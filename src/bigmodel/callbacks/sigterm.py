@@ -10,6 +10,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from bigmodel.errors import is_multirun
+
 log = logging.getLogger("bigmodel")
 
 # the signal that stopped training in this process (None: none did); run.py exits 128 + it
@@ -18,6 +20,16 @@ _stopped_by: int | None = None
 
 def stopped_by() -> int | None:
     return _stopped_by
+
+
+# whether a training with this callback is running in this process (its signals are ours)
+_training = False
+
+
+def training() -> bool:
+    """True while a run trains here: SIGTERM / SIGINT stop it through this callback, so a
+    sweep around it leaves them to it (bigmodel.sweep.study)."""
+    return _training
 
 
 def _validated_at_this_batch(trainer: L.Trainer) -> bool:
@@ -58,8 +70,9 @@ class SigtermCheckpoint(L.Callback):
 
     # ------------------------------------------------------------------------------ handlers
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        global _stopped_by
+        global _stopped_by, _training
         _stopped_by = None
+        _training = True
         self._trainer = trainer
         for sig in self.SIGNALS:
             current = signal.getsignal(sig)
@@ -106,6 +119,8 @@ class SigtermCheckpoint(L.Callback):
             trainer._signal_connector.received_sigterm = True
 
     def _restore(self) -> None:
+        global _training
+        _training = False
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
@@ -141,10 +156,14 @@ class SigtermCheckpoint(L.Callback):
             self._restore()
         if trainer.is_global_zero:
             name = signal.Signals(_stopped_by).name
-            log.warning(
-                f"{name}: saved {path} at step {trainer.global_step}; resume with the same "
-                "command and ckpt_path=last (or resume=auto in a fixed run directory)"
+            # a sweep's job is resumed by running the sweep again, which says how at its end
+            advice = (
+                "the multirun stops"
+                if is_multirun()
+                else "resume with the same command and ckpt_path=last (or resume=auto in a "
+                "fixed run directory)"
             )
+            log.warning(f"{name}: saved {path} at step {trainer.global_step}; {advice}")
 
     def state_dict(self) -> dict[str, Any]:
         if self._saved_at is None:

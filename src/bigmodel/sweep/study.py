@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
-from bigmodel.errors import UserError
+from bigmodel.callbacks.sigterm import training
+from bigmodel.errors import Stopped, UserError
 from bigmodel.sweep.report import write_plots, write_trials_csv
 from bigmodel.sweep.space import search_space, trial_overrides
 from bigmodel.sweep.storage import (
@@ -61,7 +62,9 @@ def sigterm_interrupts() -> Iterator[None]:
         return
 
     def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
+        if training():  # a trial trains: it saves, stops, and the sweep stops after it
+            return
+        raise Stopped(signum, f"signal {signum}")
 
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -197,6 +200,20 @@ class OptunaSweep:
             text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
             (Path(out_dir) / "error.txt").write_text(text)
 
+    def launch(self, batch: list[optuna.Trial], fixed: list[str]) -> Sequence[Any]:
+        """Run a batch of trials through the launcher; a failed launch fails each of them."""
+        overrides = [
+            [*fixed, *trial_overrides(t.params), *self.pruning_overrides(t.number)] for t in batch
+        ]
+        try:
+            ids = [trial_id(self.storage, self.study_name, t.number) for t in batch]
+            with heartbeats(self.storage, ids, self.s.heartbeat_interval):
+                return self.launcher.launch(overrides, initial_job_idx=batch[0].number)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as e:  # the launcher itself failed (a worker died, ...)
+            return [e] * len(batch)
+
     def interrupt(self, study: optuna.Study, batch: list[optuna.Trial]) -> None:
         for trial in batch:
             with contextlib.suppress(Exception):
@@ -220,39 +237,44 @@ class OptunaSweep:
         with warnings.catch_warnings(), sigterm_interrupts():
             # we keep heartbeats ourselves, around ask/tell rather than Study.optimize
             warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            while True:
-                self.fail_stale(study)
-                trials = study.get_trials(deepcopy=False)
-                done = sum(counted(t) for t in trials)
-                owed = self.s.n_trials - done
-                if self.s.max_trials_per_run is not None:
-                    owed = min(owed, self.s.max_trials_per_run - ran)
-                if ran == 0:
-                    log.info(f"{done} of {self.s.n_trials} trials done; running {max(owed, 0)}")
-                if owed <= 0:
-                    break
-                batch = [self.ask(study, space) for _ in range(min(self.s.n_jobs, owed))]
-                overrides = [
-                    [*fixed, *trial_overrides(t.params), *self.pruning_overrides(t.number)]
-                    for t in batch
-                ]
-                try:
-                    ids = [trial_id(self.storage, self.study_name, t.number) for t in batch]
-                    with heartbeats(self.storage, ids, self.s.heartbeat_interval):
-                        returns: Sequence[Any] = self.launcher.launch(
-                            overrides, initial_job_idx=batch[0].number
-                        )
-                except (KeyboardInterrupt, SystemExit):
-                    self.interrupt(study, batch)
+            batch: list[optuna.Trial] = []
+            try:
+                while True:
+                    batch = []
+                    self.fail_stale(study)
+                    trials = study.get_trials(deepcopy=False)
+                    done = sum(counted(t) for t in trials)
+                    owed = self.s.n_trials - done
+                    if self.s.max_trials_per_run is not None:
+                        owed = min(owed, self.s.max_trials_per_run - ran)
+                    if ran == 0:
+                        log.info(f"{done} of {self.s.n_trials} trials done; running {max(owed, 0)}")
+                    if owed <= 0:
+                        break
+                    batch = [self.ask(study, space) for _ in range(min(self.s.n_jobs, owed))]
+                    returns = self.launch(batch, fixed)
+                    for trial, ret in zip(batch, returns, strict=True):
+                        outcome = self.record(study, trial, ret)
+                        log.info(f"trial {trial.number} {trial.params}: {outcome}")
+                    ran += len(batch)
                     self.write_summary(study, fixed)
-                    raise
-                except Exception as e:  # the launcher itself failed (a worker died, ...)
-                    returns = [e] * len(batch)
-                for trial, ret in zip(batch, returns, strict=True):
-                    outcome = self.record(study, trial, ret)
-                    log.info(f"trial {trial.number} {trial.params}: {outcome}")
-                ran += len(batch)
+            except KeyboardInterrupt as e:
+                # in a trial or between trials: the trials cut off are owed again, the study
+                # and trials.csv are saved, and the command ends as a stopped one, not 0
+                self.interrupt(study, batch)
                 self.write_summary(study, fixed)
+                signum = getattr(e, "signum", signal.SIGINT)
+                counted_now = sum(counted(t) for t in study.get_trials(deepcopy=False))
+                raise Stopped(
+                    signum,
+                    f"study {self.study_name} saved with {counted_now} of {self.s.n_trials} "
+                    f"trials done (trials.csv in {self.sweep_dir}); run the same command to "
+                    "resume it",
+                ) from None
+            except SystemExit:
+                self.interrupt(study, batch)
+                self.write_summary(study, fixed)
+                raise
         self.fail_stale(study)
         best = self.write_summary(study, fixed)
         if best is None:
