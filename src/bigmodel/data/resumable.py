@@ -21,7 +21,7 @@ import math
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from bigmodel.errors import UserError
 
@@ -39,16 +39,23 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(
-        self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        shuffle: bool,
+        seed: int,
+        redraw: bool = True,
     ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)
         self.start = 0
+        self.redraw = redraw  # False: the dataset keeps its first epoch's items (overfitting)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.start = 0  # a saved position belongs to the epoch it was saved in
         super().set_epoch(epoch)
-        if callable(getattr(self.dataset, "set_epoch", None)):
+        if self.redraw and callable(getattr(self.dataset, "set_epoch", None)):
             self.dataset.set_epoch(epoch)
 
     def order(self) -> list[int]:
@@ -70,7 +77,19 @@ class EpochSampler(DistributedSampler):
 class ResumableLoader(DataLoader):
     """A DataLoader over an `EpochSampler` that records how far into the epoch it has got."""
 
-    def __init__(self, dataset: Dataset, sampler: EpochSampler, **kwargs: Any) -> None:
+    def __init__(self, dataset: Dataset, sampler: Sampler, **kwargs: Any) -> None:
+        if not isinstance(sampler, EpochSampler):
+            # Lightning swaps in a SequentialSampler for `trainer.overfit_batches` (the same
+            # batches every epoch): an unshuffled EpochSampler gives that order and resumes,
+            # and the dataset keeps its items (text windows are otherwise redrawn each epoch)
+            sampler = EpochSampler(
+                dataset,
+                num_replicas=getattr(sampler, "num_replicas", 1),
+                rank=getattr(sampler, "rank", 0),
+                shuffle=False,
+                seed=0,
+                redraw=False,
+            )
         super().__init__(dataset, sampler=sampler, **kwargs)
         self._epoch, self._start, self._yielded = 0, 0, 0
 
@@ -129,4 +148,5 @@ def train_loader(
     # its own generator: the loader draws its workers' base seed when an epoch's iteration
     # starts, and that draw must not move the global generators dropout and augmentation use
     kwargs.setdefault("generator", torch.Generator().manual_seed(seed))
-    return ResumableLoader(dataset, sampler, **kwargs)
+    # the sampler by name: Lightning re-creates the loader with another one for overfit_batches
+    return ResumableLoader(dataset, sampler=sampler, **kwargs)
