@@ -201,6 +201,20 @@ def test_generate_refuses_bad_sampling_settings(checkpoint, setting, key):
     assert proc.stderr.startswith(f"error: {key} must be >= ") and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("setting", ["beam_size=2", "text=hello", "length_penalty=1.0"])
+def test_generate_refuses_options_this_model_does_not_take(checkpoint, setting):
+    """Translation options on a language model are refused in one line, not ignored."""
+    root, ckpt = checkpoint
+    proc = run_cli("generate.py", f"ckpt_path={ckpt}", setting, cwd=root, check=False)
+    assert proc.returncode == 2, proc.stderr
+    key = setting.partition("=")[0]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {key}: not an option of this model ({ckpt} is a LanguageModel); it takes "
+        "prompt, max_new_tokens, temperature, top_k, num_samples, seed"
+    ]
+    assert proc.stdout == ""
+
+
 def test_generate_temperature_zero_and_empty_prompt(checkpoint):
     root, ckpt = checkpoint
     args = [f"ckpt_path={ckpt}", "max_new_tokens=30", "temperature=0"]

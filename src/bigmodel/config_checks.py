@@ -165,6 +165,7 @@ def generation_options(cfg: DictConfig, options_class: type, what: str) -> Any:
     """
     hints = typing.get_type_hints(options_class)
     first, *rest = dataclasses.fields(options_class)
+    refuse_other_options(options_class, what)
     kwargs = {}
     for field in rest:
         value = cfg.get(field.name)
@@ -183,6 +184,23 @@ def generation_options(cfg: DictConfig, options_class: type, what: str) -> Any:
             value = [value] if isinstance(value, str) else list(value)
     check_value(first.name, value, hints[first.name])
     return options_class(**{first.name: value}, **kwargs)
+
+
+# generate.py keys that are not options of a task's generation
+_GENERAL_KEYS = {"ckpt_path", "device", "task_name"}
+
+
+def refuse_other_options(options_class: type, what: str) -> None:
+    """An option typed on the command line that this model does not take (`beam_size=4` on a
+    language model, `temperature=` on a translation model) is refused, not silently ignored."""
+    names = [f.name for f in dataclasses.fields(options_class)]
+    takes = set(names) | _GENERAL_KEYS | ({"prompt_file"} if names[0] == "prompt" else set())
+    other = sorted(k for k in typed_keys() if "." not in k and k not in takes)
+    if other:
+        raise UserError(
+            f"{', '.join(other)}: not an option of this model ({what}); it takes "
+            f"{', '.join(names)}"
+        )
 
 
 def _takes_none(hint: Any) -> bool:
