@@ -53,6 +53,7 @@ CASES = [
     case("key", "train.py", "extras.colour=1", "extras has no key colour (extras has: ignore_warnings, print_config; +extras.colour=1 adds a new key)", quick=True),
     case("key", "eval.py", f"{CK}  data.bach_size=4", "data has no key bach_size; did you mean data.batch_size?", quick=True),
     case("key", "generate.py", f"{CK}  max_new_token=5", "the config has no key max_new_token; did you mean max_new_tokens?", quick=True),
+    case("key", "generate.py", f"{CK}  beam_size=2", "beam_size: not an option of this model ({ckpt} is a LanguageModel); it takes prompt,", quick=True),
     case("key", "train.py", f"{SWEEP}  trainer.max_step=5", "trainer has no key max_step; did you mean trainer.max_steps?", quick=True),
     # an option a config group does not have: the ones it has
     case("option", "train.py", "model=nope", "model=nope is not an option; choose one of: audio_cnn, cnn, gpt, gpt2_124m", quick=True),
@@ -82,6 +83,7 @@ CASES = [
     case("value", "train.py", "resume=sometimes", "resume=sometimes is not one of auto, never"),
     case("value", "train.py", "extras.print_config=loud", "extras.print_config=loud is not one of short, full, none"),
     case("value", "train.py", "trainer.max_steps=(", "cannot read the override trainer.max_steps=(: quote a value", quick=True),
+    case("value", "train.py", "model.net.n_layer  2", "model.net.n_layer has no value: the '=' is missing; write model.net.n_layer=2", quick=True),
     case("value", "train.py", "model.net.n_layer=1,2", "model.net.n_layer=1,2: a comma makes a list or a sweep", quick=True),
     case("value", "generate.py", f"{CK}  top_k=-5", "top_k=-5 must be >= 1; top_k=null samples from all tokens"),
     case("value", "generate.py", f"{CK}  max_new_tokens=-1", "max_new_tokens=-1 must be >= 0"),

@@ -155,6 +155,14 @@ def explain(e: Exception, args: Sequence[str], config_dir: Path, config_name: st
     """One line for an exception Hydra raised on the command's overrides."""
     if isinstance(e, OverrideParseException):
         bad = str(e).splitlines()[0].removeprefix("Error parsing override ").strip("'")
+        if "=" not in bad and not bad.startswith(("-", "~")) and bad in args:
+            # `model.net.n_layer 2`: the shell split a key from its value
+            after = list(args)[list(args).index(bad) + 1 :]
+            value = after[0] if after and "=" not in after[0] else "VALUE"
+            return (
+                f"{bad} has no value: the '=' is missing; write {bad}={value} "
+                "(key=value, no spaces around '=')"
+            )
         return (
             f"cannot read the override {bad}: quote a value that holds spaces, commas, brackets "
             "or other special characters for Hydra as well as for the shell, "
