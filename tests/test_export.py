@@ -9,6 +9,7 @@ the checkpoint: max abs difference <= 1e-4 in fp32.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,12 @@ def _check_seq2seq(net, out: Path) -> None:
     assert np.abs(logp - ref_logp.numpy()).max() <= 1e-4
 
 
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def test_safetensors_folder_holds_the_checkpoint(trained, tmp_path):
     from safetensors.torch import load_file
 
@@ -150,6 +157,9 @@ def test_safetensors_folder_holds_the_checkpoint(trained, tmp_path):
     meta = json.loads((out / "config.json").read_text())
     assert meta["kind"] == "image" and meta["prep"]["mean"] == state["ImageDataModule"]["mean"]
     assert not list(out.glob("*.onnx"))
+    # the weights are as readable as the rest of the folder (safetensors itself writes 0600)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~current_umask(), modes
     card = (out / "README.md").read_text()
     # the metrics come with their split, and the command that trained the model
     assert "best val/acc" in card and "test/acc" in card

@@ -169,6 +169,8 @@ def test_finetune_from_a_gpt2_folder_then_export_it_back(tmp_path):
     out = tmp_path / "hf"
     hf_gpt2.export_hf(task, out)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    mode = (out / "model.safetensors").stat().st_mode & 0o777
+    assert mode == (out / "config.json").stat().st_mode & 0o777, oct(mode)  # not 0600
     task.eval()
     idx = torch.randint(
         0, cfg.model.net.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bigmodel.deploy.bundle import FORMAT_VERSION, Bundle
 from bigmodel.errors import UserError
+from bigmodel.files import readable_as_any_file
 
 
 # ------------------------------------------------------------------------------ atomic writes
@@ -72,7 +73,9 @@ def write_folder(out: Path, fill: Callable[[Path], None], overwrite: bool) -> No
 def write_weights(bundle: Bundle, folder: Path) -> None:
     from safetensors.torch import save_model
 
-    save_model(bundle.net, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    path = folder / "model.safetensors"
+    save_model(bundle.net, str(path), metadata={"format": "pt"})
+    readable_as_any_file(path)  # safetensors writes 0600
 
 
 def write_meta(

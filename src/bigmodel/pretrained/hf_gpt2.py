@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer
 from bigmodel.errors import UserError
+from bigmodel.files import readable_as_any_file
 from bigmodel.nets.gpt import GPT
 
 SAFETENSORS, SHARDED, PICKLE = (
@@ -305,6 +306,7 @@ def export_hf(task: nn.Module, out_dir: Path, tokenizer: Any = None) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_file(hf_state(net), str(out_dir / SAFETENSORS), metadata={"format": "pt"})
+    readable_as_any_file(out_dir / SAFETENSORS)
     (out_dir / "config.json").write_text(json.dumps(hf_config(net, tokenizer), indent=2) + "\n")
     write_tokenizer(tokenizer, out_dir, net.config.block_size)
 
