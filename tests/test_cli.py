@@ -76,9 +76,13 @@ def test_eval_reproduces_test_metrics(lm):
     assert (eval_run / "metrics.json").is_file()
     # another split of the same data
     proc = run_cli("eval.py", f"ckpt_path={best}", "data.split=val", cwd=root)
-    # named after the split it scored (Lightning's own table still says test/)
+    # named after the split it scored: the summary lines, Lightning's table, metrics.csv
     assert re.search(r"^val/ppl: [\d.]+$", proc.stdout, re.M)
-    assert not re.search(r"^test/ppl: ", proc.stdout, re.M)
+    assert re.search(r"│\s+val/ppl\s+│", proc.stdout)
+    assert "test/" not in proc.stdout
+    second = run_dirs(root, "eval")[-1]
+    header = (second / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "val/loss" in header and "test/" not in header, header
 
 
 def test_generate_prints_a_reproducible_sample(lm):
@@ -353,3 +357,12 @@ def test_tensorboard_logger_writes_events(tmp_path):
     run_cli("train.py", "logger=tensorboard", *TINY_LM, "test=false", cwd=tmp_path)
     (run,) = (tmp_path / "logs" / "train" / "runs").iterdir()
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_run_that_never_validated_says_it_tests_the_final_weights(tmp_path):
+    """No validation, no best checkpoint: the test stage scores the last weights and says so."""
+    proc = run_cli("train.py", *TINY_LM, "trainer.max_steps=5", cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert "no validation saved a best checkpoint: testing the final weights" in out
+    assert "testing the best checkpoint" not in out
+    assert "test/loss" in (run_dirs(tmp_path)[0] / "metrics.json").read_text()

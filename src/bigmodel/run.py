@@ -254,6 +254,8 @@ def _train(cfg: DictConfig) -> float | None:
         )
         if best:
             log.info(f"testing the best checkpoint {best}")
+        elif cfg.get("train", True):  # say so, rather than call the last weights the best
+            log.info("no validation saved a best checkpoint: testing the final weights")
         trainer.test(task, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         test_metrics = _metrics(trainer)
 
@@ -315,13 +317,11 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         )
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(cfg, logger=loggers or False, default_root_dir=str(out))
+    # the figures are named after the split they are computed on, in the console table,
+    # metrics.csv and metrics.json alike
+    task.test_split = (cfg.get("data") or {}).get("split") or "test"
     results = trainer.test(task, datamodule=datamodule)
-    # the task logs `test/...`; name the figures after the split they were computed on
-    split = (cfg.get("data") or {}).get("split") or "test"
-    metrics = {
-        (f"{split}/{k[len('test/') :]}" if k.startswith("test/") else k): float(v)
-        for k, v in (results[0] if results else {}).items()
-    }
+    metrics = {k: float(v) for k, v in (results[0] if results else {}).items()}
     if trainer.is_global_zero:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         for k, v in sorted(metrics.items()):

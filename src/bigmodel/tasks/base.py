@@ -46,6 +46,8 @@ class Task(L.LightningModule):
         # The resolved run config as plain data, set by the runner; written into checkpoints so
         # eval.py and generate.py can rebuild the exact net, data pipeline and tokenizer.
         self.run_config: dict | None = None
+        # the split the test stage scores: eval.py data.split=val logs val/... , not test/...
+        self.test_split = "test"
         self._batch_flops: int | None = None
         self._flops_per_sample: dict[tuple, int | None] = {}
 
@@ -218,6 +220,12 @@ class Task(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["bigmodel"] = {"config": self.run_config, "task": type(self).__name__}
+
+    def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's `log`, with a test-stage metric named after the split it scores."""
+        if self.test_split != "test" and name.startswith("test/"):
+            name = f"{self.test_split}/{name.removeprefix('test/')}"
+        super().log(name, value, *args, **kwargs)
 
     def log_metric(self, name: str, value: torch.Tensor | float, batch: Any, **kwargs) -> None:
         on_step = self.training
