@@ -111,6 +111,7 @@ CASES = [
     case("checkpoint", "generate.py", "ckpt_path={files}/weights.ckpt", "{files}/weights.ckpt carries no bigmodel run config"),
     case("checkpoint", "eval.py", "ckpt_path=last  paths.log_dir={files}/nologs", "ckpt_path=last found no checkpoint"),
     case("checkpoint", "train.py", f"{CK}  model.net.n_embd=64", "does not fit this model (shape of net.wte.weight)"),
+    case("checkpoint", "train.py", f"{CK}  model.net.n_layer=2", "does not fit this model (6 weights it lacks, such as net.blocks.1.ln_1.weight)", quick=True),
     # data that does not fit the checkpoint or the model
     case("data", "train.py", f"{CK}  data=regression  model=mlp  loss=mse", "was trained on bigmodel.data.TextDataModule data, but this run loads"),
     case("data", "train.py", f"{CK}  data.splits=[0.8,0.1,0.1]", "the checkpoint's training set had 13079 items an epoch and this one has 11626"),
@@ -220,3 +221,18 @@ def test_the_readme_lists_every_case():
 
 if __name__ == "__main__":
     print(readme_table())
+
+
+def test_a_deeper_checkpoint_than_the_model_is_refused_in_one_line(tmp_path):
+    """Weights the model has no place for (a 2-layer checkpoint, a 1-layer model): one line,
+    not a state-dict traceback."""
+    deep = [a for a in TINY_LM if not a.startswith("model.net.n_layer")] + ["model.net.n_layer=2"]
+    run_cli("train.py", *deep, "trainer.max_steps=2", "test=false", cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    ckpt = run / "checkpoints" / "last.ckpt"
+    proc = run_cli("train.py", *TINY_LM, f"ckpt_path={ckpt}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {ckpt} does not fit this model (6 weights this model has no place for, such as "
+        "net.blocks.1.ln_1.weight); resume with the model config it was trained with"
+    ]

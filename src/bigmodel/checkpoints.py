@@ -218,15 +218,22 @@ def check_same_model(
     own = model.state_dict()
     bad = [k for k, v in ckpt["state_dict"].items() if k in own and own[k].shape != v.shape]
     missing: list[str] = []
+    unexpected: list[str] = []
     if not bad:
         # loading (not comparing key names) applies the nets' renames of older keys; the weights
         # are loaded again from the same checkpoint when the run starts
         try:
-            missing = model.load_state_dict(ckpt["state_dict"], strict=False).missing_keys
+            result = model.load_state_dict(ckpt["state_dict"], strict=False)
+            missing, unexpected = result.missing_keys, result.unexpected_keys
         except RuntimeError as e:  # a renamed key of another shape
             bad = [str(e).splitlines()[-1].strip()]
-    if bad or missing:
-        what = f"shape of {bad[0]}" if bad else f"missing {missing[0]}"
+    if bad or missing or unexpected:
+        if bad:
+            what = f"shape of {bad[0]}"
+        elif missing:
+            what = f"{len(missing)} weights it lacks, such as {missing[0]}"
+        else:  # a deeper or wider model: weights this one has no place for
+            what = f"{len(unexpected)} weights this model has no place for, such as {unexpected[0]}"
         raise UserError(
             f"{path} does not fit this model ({what}); resume with the model config it was "
             "trained with"
