@@ -152,6 +152,15 @@ def _metrics(trainer: L.Trainer) -> dict[str, float]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
 
+def _recorded_metrics(out: Path) -> dict[str, float]:
+    """The metrics.json a run folder holds already ({} if none, or unreadable)."""
+    try:
+        recorded = json.loads((out / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 # --------------------------------------------------------------------------------- entries
 @reports_user_errors
 def train(cfg: DictConfig) -> float | None:
@@ -262,6 +271,10 @@ def _train(cfg: DictConfig) -> float | None:
     metrics = {**train_metrics, **test_metrics}
     metrics["time/total_s"] = time.perf_counter() - t0
     if trainer.is_global_zero:
+        if ckpt is not None:
+            # a resumed run, or a finished one run again, that validated less (or not at all)
+            # keeps the metrics its folder recorded; what it measured again replaces them
+            metrics = {**_recorded_metrics(out), **metrics}
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         log.info("metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     name = cfg.get("optimized_metric")
