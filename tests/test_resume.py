@@ -184,3 +184,137 @@ def test_gpt_under_ddp_on_two_processes_resumes_bitwise(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "written by 2 training processes and this run has 1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+# ------------------------------------------------------------------- settings changed on resume
+def lm_24(root: Path) -> list[str]:
+    """The tiny GPT for 24 steps, a checkpoint at every step, the lr logged at every step."""
+    return [
+        *TINY_LM,
+        f"data.path={corpus(root)}",
+        "trainer.max_steps=24",
+        "trainer.log_every_n_steps=1",
+        "test=false",
+        EVERY_STEP,
+    ]
+
+
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory) -> Path:
+    """One uninterrupted AdamW run (lr 0.001) that the resumes below start from at step 12."""
+    root = tmp_path_factory.mktemp("adamw")
+    run_cli("train.py", *lm_24(root), cwd=root, env=ONE_THREAD)
+    (run,) = run_dirs(root)
+    return run
+
+
+def root_of(run: Path) -> Path:
+    return run.parents[3]  # <root>/logs/train/runs/<run>
+
+
+def log_lines(run: Path, text: str) -> list[str]:
+    return [line for line in (run / "train.log").read_text().splitlines() if text in line]
+
+
+def test_a_new_lr_on_resume_is_the_lr_the_optimizer_applies_and_logs(adamw_run):
+    root = root_of(adamw_run)
+    changed = ["optimizer.lr=0.01", "optimizer.weight_decay=0.0"]
+    resumed = resume(root, [*lm_24(root), *changed], adamw_run / "steps" / "12.ckpt", ONE_THREAD)
+
+    # the schedule goes on from step 12 at ten times the lr: warmup and cosine scaled
+    full, new = rows(adamw_run, "lr-AdamW/pg1"), rows(resumed, "lr-AdamW/pg1")
+    assert sorted(new) == list(range(12, 24))
+    for step, lr in new.items():
+        assert float(lr) == pytest.approx(10 * float(full[step]), rel=1e-6), step
+    # the same weights and the same batch at step 12: the same loss, then a different course
+    loss_full, loss_new = rows(adamw_run, "train/loss"), rows(resumed, "train/loss")
+    assert loss_new[12] == loss_full[12]
+    assert loss_new[13] != loss_full[13]
+
+    end, end_full = (
+        load(resumed / "checkpoints" / "last.ckpt"),
+        load(adamw_run / "checkpoints" / "last.ckpt"),
+    )
+    state, state_full = end["optimizer_states"][0], end_full["optimizer_states"][0]
+    # what the optimizer itself holds: the new lr and decay, and its moments kept (24 steps)
+    assert [g["initial_lr"] for g in state["param_groups"]] == [0.01, 0.01]
+    assert float(state["param_groups"][0]["lr"]) == pytest.approx(
+        10 * float(state_full["param_groups"][0]["lr"]), rel=1e-6
+    )
+    assert [g["weight_decay"] for g in state["param_groups"]] == [0.0, 0.0]
+    assert end["lr_schedulers"][0]["base_lrs"] == [0.01, 0.01]
+    assert float(state["state"][0]["step"]) == 24
+
+    (line,) = log_lines(resumed, "settings changed since the checkpoint")
+    assert "optimizer.lr=0.01 (checkpoint: 0.001" in line
+    assert "optimizer.weight_decay=0 (checkpoint: 0.1)" in line
+
+
+def test_another_optimizer_on_resume_starts_its_state_afresh_with_one_warning(adamw_run):
+    root = root_of(adamw_run)
+    resumed = resume(root, [*lm_24(root), "optimizer=sgd"], adamw_run / "steps" / "12.ckpt")
+
+    (warning,) = log_lines(resumed, "differs from the checkpoint's")
+    assert (
+        "[WARNING]" in warning and "optimizer: SGD differs from the checkpoint's AdamW" in warning
+    )
+    assert "starts afresh" in warning
+    # weights, step and data position restored: the same loss at step 12, to step 24
+    assert rows(resumed, "train/loss")[12] == rows(adamw_run, "train/loss")[12]
+    end = load(resumed / "checkpoints" / "last.ckpt")
+    assert end["global_step"] == 24
+    assert all("momentum" in g for g in end["optimizer_states"][0]["param_groups"])
+    # the schedule's position kept, at SGD's lr (0.01 = 10 x AdamW's 0.001)
+    full, new = rows(adamw_run, "lr-AdamW/pg1"), rows(resumed, "lr-SGD/pg1")
+    assert sorted(new) == list(range(12, 24))
+    for step, lr in new.items():
+        assert float(lr) == pytest.approx(10 * float(full[step]), rel=1e-6), step
+
+
+def test_a_changed_schedule_setting_on_resume_is_applied_from_the_step_it_resumes_at(adamw_run):
+    from bigmodel.optim import WarmupCosineLR
+
+    root = root_of(adamw_run)
+    changed = "scheduler.scheduler.min_lr_ratio=0.5"
+    resumed = resume(root, [*lm_24(root), changed], adamw_run / "steps" / "12.ckpt", ONE_THREAD)
+
+    # the lr of each step is that of a schedule planned with the new floor from the start
+    plan = WarmupCosineLR(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.001),
+        total_steps=24,
+        warmup_steps=2,
+        min_lr_ratio=0.5,
+    )
+    new = rows(resumed, "lr-AdamW/pg1")
+    assert sorted(new) == list(range(12, 24))
+    for step, lr in new.items():
+        assert float(lr) == pytest.approx(0.001 * plan.factor(step), rel=1e-6), step
+    (line,) = log_lines(resumed, "settings changed since the checkpoint")
+    assert "scheduler.scheduler.min_lr_ratio=0.5 (checkpoint: 0.1)" in line
+
+
+def test_a_run_resumed_in_its_own_folder_keeps_its_overrides_and_records_each_resume(tmp_path):
+    run = tmp_path / "run"
+    args = [*TINY_LM, f"data.path={corpus(tmp_path)}", "test=false", f"hydra.run.dir={run}"]
+    run_cli("train.py", *args, "trainer.max_steps=6", cwd=tmp_path, env=ONE_THREAD)
+    record = run / ".hydra"
+    first = {name: (record / name).read_text() for name in ("overrides.yaml", "config.yaml")}
+
+    # the same folder again (resume=auto continues it), with a lower lr, then once more
+    run_cli("train.py", *args, "trainer.max_steps=9", "optimizer.lr=0.0005", cwd=tmp_path)
+    run_cli("train.py", *args, "trainer.max_steps=12", cwd=tmp_path)
+
+    assert {name: (record / name).read_text() for name in first} == first
+    resume_1 = (record / "overrides.resume-1.yaml").read_text()
+    assert "trainer.max_steps=9" in resume_1 and "optimizer.lr=0.0005" in resume_1
+    assert "lr: 0.0005" in (record / "config.resume-1.yaml").read_text()
+    assert "trainer.max_steps=12" in (record / "overrides.resume-2.yaml").read_text()
+    assert "lr: 0.001" in first["config.yaml"]
+    # the third command left the lr alone: the run went on at the lr the second one gave
+    end = load(run / "checkpoints" / "last.ckpt")
+    assert end["global_step"] == 12
+    groups = end["optimizer_states"][0]["param_groups"]
+    assert [g["initial_lr"] for g in groups] == [0.0005, 0.0005]
+    (taken,) = log_lines(run, "with its own optimizer and schedule")
+    assert "optimizer.lr=0.0005" in taken
+

@@ -279,6 +279,56 @@ def resume_data_config(cfg: DictConfig, ckpt: dict, path: str) -> None:
         log.info(f"resuming {path} on its own data: {', '.join(taken)}")
 
 
+# the groups a resumed run continues with as the checkpoint has them, unless its command says
+_TRAINING_GROUPS = ("optimizer", "scheduler")
+
+
+def _flat(node: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(node, dict):
+        return {prefix: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}.{key}"))
+    return out
+
+
+def resume_training_config(cfg: DictConfig, ckpt: dict, path: str) -> None:
+    """Resume with the checkpoint's optimizer and schedule, as far as this command leaves them.
+
+    `python train.py ckpt_path=last` after `python train.py optimizer=sgd optimizer.lr=0.1`
+    goes on with SGD at lr 0.1, and says so. What this command gives itself wins: an option of
+    the group (`optimizer=adam`: all of that option's settings) or a key of it
+    (`optimizer.lr=0.01`, `scheduler.scheduler.min_lr_ratio=0.5`); the resumed run applies it
+    to the restored state (bigmodel.callbacks.changes). The run's config then says what it
+    trains with, and so do the checkpoints it writes.
+    """
+    saved_cfg = checkpoint_config(ckpt, path)
+    typed = typed_keys()
+    taken: list[str] = []
+    with open_dict(cfg):
+        for group in _TRAINING_GROUPS:
+            if group in typed or group not in saved_cfg or group not in cfg:
+                continue
+            saved = saved_cfg[group]
+            merged = OmegaConf.create(OmegaConf.to_container(saved)) if saved is not None else None
+            if merged is not None:
+                for key in sorted(k for k in typed if k.startswith(f"{group}.")):
+                    value = OmegaConf.select(cfg, key, default=None)
+                    OmegaConf.update(merged, key[len(group) + 1 :], value, force_add=True)
+            before, after = _flat(cfg[group], group), _flat(merged, group)
+            if before == after:
+                continue
+            if merged is None:
+                taken.append(f"{group}=none")
+            else:
+                taken += [f"{k}={v}" for k, v in after.items() if before.get(k, object()) != v]
+            cfg[group] = merged
+    if taken:
+        log.info(f"resuming {path} with its own optimizer and schedule: {', '.join(taken)}")
+
+
 # ---------------------------------------------------------------------------------- restoring
 def restore(ckpt_path: str, data_overrides: DictConfig | None = None):
     """Rebuild data module and task from a checkpoint alone -> (config, datamodule, task)."""

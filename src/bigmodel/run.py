@@ -28,6 +28,7 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bigmodel.callbacks.changes import ResumeChanges
 from bigmodel.callbacks.resume import ExactResume
 from bigmodel.callbacks.sigterm import stopped_by
 from bigmodel.checkpoints import (
@@ -38,6 +39,7 @@ from bigmodel.checkpoints import (
     resolve_ckpt_path,
     restore,
     resume_data_config,
+    resume_training_config,
 )
 from bigmodel.config_checks import (
     absolute_data_paths,
@@ -202,6 +204,7 @@ def _train(cfg: DictConfig) -> float | None:
     absolute_data_paths(cfg.data)
     if ckpt is not None:
         resume_data_config(cfg, ckpt, ckpt_path)
+        resume_training_config(cfg, ckpt, ckpt_path)
     prepare_pretrained(cfg)  # model.init_from sizes the net and picks the tokenizer
     for group in ("data", "model", "optimizer", "scheduler", "loss", "callbacks", "logger"):
         check_types(task_config(cfg.model) if group == "model" else cfg.get(group), group)
@@ -220,6 +223,9 @@ def _train(cfg: DictConfig) -> float | None:
     if ckpt is not None:
         check_same_model(ckpt, ckpt_path, cfg.model, task)
     callbacks = instantiate_all(cfg.get("callbacks"))
+    # what a resume needs to be right, whatever `callbacks` holds: this command's optimizer and
+    # schedule settings applied to the restored state
+    callbacks += [ResumeChanges()]
     # re-seeding goes last, after anything that samples at the same hook (Lightning then moves
     # the checkpoint callbacks after it): the generators a checkpoint is written with are the
     # ones the next batch starts from
