@@ -318,3 +318,80 @@ def test_a_run_resumed_in_its_own_folder_keeps_its_overrides_and_records_each_re
     (taken,) = log_lines(run, "with its own optimizer and schedule")
     assert "optimizer.lr=0.0005" in taken
 
+
+# -------------------------------------------------------------------- the best checkpoint
+def best_record(run: Path, metric: str) -> dict:
+    """The best-checkpoint callback's record in the run's last.ckpt."""
+    states = load(run / "checkpoints" / "last.ckpt")["callbacks"].values()
+    (state,) = [s for s in states if isinstance(s, dict) and s.get("monitor") == metric]
+    return state
+
+
+def validations(runs: list[Path], metric: str) -> dict[int, float]:
+    """step -> the value of `metric` each validation of these runs logged."""
+    return {s: float(v) for run in runs for s, v in rows(run, metric).items()}
+
+
+def assert_best_is_right(run: Path, history: list[Path], metric: str, top_k: int) -> None:
+    """The record in last.ckpt names files of this run that exist, the best `top_k` of every
+    validation so far, no other best file is left, and the test stage tested the best."""
+    state = best_record(run, metric)
+    scores = sorted(validations(history, metric).values(), reverse=metric == "val/acc")
+    folder = run / "checkpoints"
+    best = Path(state["best_model_path"])
+    assert best.is_file() and best.parent == folder, state
+    assert float(state["best_model_score"]) == pytest.approx(scores[0], rel=1e-6)
+    kept = {Path(p): float(v) for p, v in state["best_k_models"].items()}
+    assert all(p.is_file() and p.parent == folder for p in kept), state
+    assert sorted(kept.values(), reverse=metric == "val/acc") == pytest.approx(scores[:top_k])
+    assert sorted(folder.glob("best_*.ckpt")) == sorted(kept)
+    tested = log_lines(run, "testing the best checkpoint")
+    assert tested[-1].endswith(f"testing the best checkpoint {best}")
+
+
+# (overrides, the metric ranked, the three runs' lengths, what makes the last run validate
+# worse than the best before it: a far higher lr)
+BY_STEPS = (
+    [*TINY_LM, "trainer.val_check_interval=3", "trainer.log_every_n_steps=1"],
+    "val/loss",
+    ["trainer.max_steps=9", "trainer.max_steps=15", "trainer.max_steps=21"],
+    "optimizer.lr=0.05",
+)
+BY_EPOCHS = (
+    ["experiment=digits_cnn", "model.net.widths=[16,32]", "trainer.log_every_n_steps=1"],
+    "val/acc",
+    ["trainer.max_epochs=2", "trainer.max_epochs=3", "trainer.max_epochs=4"],
+    "optimizer.lr=0.1",
+)
+
+
+@pytest.mark.parametrize(
+    ("validated", "top_k"),
+    [
+        pytest.param(BY_STEPS, 1, id="by-steps-top1"),
+        pytest.param(BY_STEPS, 2, id="by-steps-top2"),
+        pytest.param(BY_EPOCHS, 1, id="by-epochs-top1"),
+        pytest.param(BY_EPOCHS, 3, id="by-epochs-top3", marks=pytest.mark.slow),  # CI: later
+    ],
+)
+def test_the_best_checkpoint_is_right_after_every_kind_of_resume(tmp_path, validated, top_k):
+    args, metric, lengths, worse = validated
+    args = [*args, f"callbacks.model_checkpoint.save_top_k={top_k}"]
+    if metric == "val/loss":
+        args.append(f"data.path={corpus(tmp_path)}")
+    run = tmp_path / "run"
+    # a run, then the same command in its folder with more to do (resume=auto continues it)
+    run_cli("train.py", *args, lengths[0], f"hydra.run.dir={run}", cwd=tmp_path, env=ONE_THREAD)
+    assert_best_is_right(run, [run], metric, top_k)
+    run_cli("train.py", *args, lengths[1], f"hydra.run.dir={run}", cwd=tmp_path, env=ONE_THREAD)
+    assert_best_is_right(run, [run], metric, top_k)
+    # then on from its last.ckpt in a new folder, validating worse: the ranking goes on from
+    # the whole history (the best stays the earlier folder's, brought over), and the earlier
+    # folder keeps its files
+    before = sorted((run / "checkpoints").iterdir())
+    ckpt = run / "checkpoints" / "last.ckpt"
+    more = [lengths[2], worse, f"ckpt_path={ckpt}"]
+    run_cli("train.py", *args, *more, cwd=tmp_path, env=ONE_THREAD)
+    (new,) = run_dirs(tmp_path)
+    assert_best_is_right(new, [run, new], metric, top_k)
+    assert sorted((run / "checkpoints").iterdir()) == before

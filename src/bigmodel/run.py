@@ -28,7 +28,9 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from bigmodel.callbacks.best import BestCheckpoints
 from bigmodel.callbacks.changes import ResumeChanges
+from bigmodel.callbacks.last import LastCheckpoint
 from bigmodel.callbacks.resume import ExactResume
 from bigmodel.callbacks.sigterm import stopped_by
 from bigmodel.checkpoints import (
@@ -224,12 +226,13 @@ def _train(cfg: DictConfig) -> float | None:
         check_same_model(ckpt, ckpt_path, cfg.model, task)
     callbacks = instantiate_all(cfg.get("callbacks"))
     # what a resume needs to be right, whatever `callbacks` holds: this command's optimizer and
-    # schedule settings applied to the restored state
-    callbacks += [ResumeChanges()]
+    # schedule settings applied to the restored state, the best-checkpoint record carried over
+    callbacks += [ResumeChanges(), BestCheckpoints()]
     # re-seeding goes last, after anything that samples at the same hook (Lightning then moves
     # the checkpoint callbacks after it): the generators a checkpoint is written with are the
-    # ones the next batch starts from
-    callbacks.sort(key=lambda c: isinstance(c, ExactResume))
+    # ones the next batch starts from. last.ckpt goes after the other checkpoint callbacks, so
+    # that it records their bookkeeping of the same validation
+    callbacks.sort(key=lambda c: (isinstance(c, ExactResume), isinstance(c, LastCheckpoint)))
     loggers = instantiate_all(cfg.get("logger"))
     trainer = build_trainer(
         cfg, callbacks=callbacks, logger=loggers or False, default_root_dir=str(out)
