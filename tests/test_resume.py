@@ -355,13 +355,13 @@ BY_STEPS = (
     [*TINY_LM, "trainer.val_check_interval=3", "trainer.log_every_n_steps=1"],
     "val/loss",
     ["trainer.max_steps=9", "trainer.max_steps=15", "trainer.max_steps=21"],
-    "optimizer.lr=0.05",
+    "optimizer.lr=1.0",
 )
 BY_EPOCHS = (
     ["experiment=digits_cnn", "model.net.widths=[16,32]", "trainer.log_every_n_steps=1"],
     "val/acc",
     ["trainer.max_epochs=2", "trainer.max_epochs=3", "trainer.max_epochs=4"],
-    "optimizer.lr=0.1",
+    "optimizer.lr=1.0",
 )
 
 
