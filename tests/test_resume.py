@@ -293,6 +293,22 @@ def test_a_changed_schedule_setting_on_resume_is_applied_from_the_step_it_resume
     assert "scheduler.scheduler.min_lr_ratio=0.5 (checkpoint: 0.1)" in line
 
 
+@pytest.mark.parametrize("schedule", ["none", "step"])
+def test_another_schedule_on_resume_starts_afresh_with_one_warning(adamw_run, schedule):
+    root = root_of(adamw_run)
+    ckpt = adamw_run / "steps" / "12.ckpt"
+    args = [a for a in lm_24(root) if not a.startswith("scheduler.")]  # warmup_steps: its own
+    resumed = resume(root, [*args, f"scheduler={schedule}"], ckpt, ONE_THREAD)
+
+    (warning,) = log_lines(resumed, "where the checkpoint had" if schedule == "none" else "differs")
+    assert "[WARNING]" in warning and "WarmupCosineLR" in warning
+    # no schedule, or StepLR before its first step (10 epochs): optimizer.lr at every step
+    new = rows(resumed, "lr-AdamW/pg1")
+    assert sorted(new) == list(range(12, 24))
+    assert {float(lr) for lr in new.values()} == {0.001}
+    assert rows(resumed, "train/loss")[12] == rows(adamw_run, "train/loss")[12]
+
+
 def test_a_run_resumed_in_its_own_folder_keeps_its_overrides_and_records_each_resume(tmp_path):
     run = tmp_path / "run"
     args = [*TINY_LM, f"data.path={corpus(tmp_path)}", "test=false", f"hydra.run.dir={run}"]

@@ -17,7 +17,8 @@ checkpoint before Lightning restores it from it:
   schedule (at the new lr) and the data position are restored as ever.
 - **The schedule**: settings of the same scheduler class (warmup_steps, min_lr_ratio, gamma,
   patience, ...) are applied as the optimizer's are; another scheduler class starts afresh
-  from its first step, with one warning line.
+  from its first step, and `scheduler=none` trains at the optimizer's lr from there on, each
+  with one warning line.
 - The update kernels (foreach, fused) follow this run's strategy and precision, silently.
 
 Under a strategy that restores the optimizer itself (DeepSpeed), a changed optimizer setting is
@@ -217,6 +218,16 @@ class ResumeChanges(L.Callback):
         saved_states = ckpt.get("lr_schedulers") or []
         old = _section(saved_cfg, "scheduler", "scheduler")
         ours = _section(ours_cfg, "scheduler", "scheduler")
+        if saved_states and not trainer.lr_scheduler_configs:
+            # scheduler=none now: the lr is the optimizer's own from here, not the schedule's
+            for opt, opt_state in zip(trainer.optimizers, ckpt["optimizer_states"], strict=False):
+                for group, live in zip(opt_state["param_groups"], opt.param_groups, strict=True):
+                    _set_lr(group, float(live["lr"]))
+            warnings.append(
+                f"scheduler: none, where the checkpoint had {_name(old.get('_target_')) or 'one'}"
+                ": the lr is the optimizer's own from here on"
+            )
+            return
         for i, (config, state) in enumerate(
             zip(trainer.lr_scheduler_configs, saved_states, strict=False)
         ):
