@@ -317,7 +317,8 @@ def test_a_run_resumed_in_its_own_folder_keeps_its_overrides_and_records_each_re
     first = {name: (record / name).read_text() for name in ("overrides.yaml", "config.yaml")}
 
     # the same folder again (resume=auto continues it), with a lower lr, then once more
-    run_cli("train.py", *args, "trainer.max_steps=9", "optimizer.lr=0.0005", cwd=tmp_path)
+    again = run_cli("train.py", *args, "trainer.max_steps=9", "optimizer.lr=0.0005", cwd=tmp_path)
+    assert ".hydra/config.resume-1.yaml (extras.print_config=full" in again.stdout  # its own
     run_cli("train.py", *args, "trainer.max_steps=12", cwd=tmp_path)
 
     assert {name: (record / name).read_text() for name in first} == first

@@ -202,6 +202,15 @@ def _write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+# the name of this run's composed config in `.hydra/` (a folder run again: config.resume-N.yaml)
+_config_name = "config.yaml"
+
+
+def config_name() -> str:
+    """The file of `.hydra/` that holds this run's own composed config."""
+    return _config_name
+
+
 # --------------------------------------------------------------------------------- callback
 class RunFolder(Callback):
     """Lock the run folder and keep its first run's record; see the module docstring."""
@@ -242,7 +251,9 @@ class RunFolder(Callback):
             self.warning = None
         if not self.kept or self.hydra_dir is None:
             return
+        global _config_name
         n = _next_resume_number(self.hydra_dir)
+        _config_name = f"config.resume-{n}.yaml"
         for name, original in self.kept.items():
             ours = self.hydra_dir / name
             with contextlib.suppress(FileNotFoundError):

@@ -15,6 +15,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 from bigmodel.errors import UserError
 from bigmodel.redact import redact, redact_override
+from bigmodel.run_folder import config_name
 
 # How a value the data fills at run time (a `???` net field such as the vocabulary size) prints.
 FILLED_AT_RUN_TIME = "??? (filled from the data at run time)"
@@ -85,7 +86,8 @@ def print_summary(cfg: DictConfig) -> None:
     # as typed (resolving `${oc.env:...}` would print what it reads), credentials masked
     typed = OmegaConf.to_container(hc.overrides.task, resolve=False)
     overrides = " ".join(redact_override(str(o)) for o in typed) or "none (the defaults)"
-    saved = f"{out}/{hc.output_subdir}/config.yaml" if hc.output_subdir else "not saved"
+    # a folder run again keeps its first config.yaml; this run's is beside it (run_folder)
+    saved = f"{out}/{hc.output_subdir}/{config_name()}" if hc.output_subdir else "not saved"
     # plain print: rich would wrap these lines at 80 columns in a pipe
     print(f"{cfg.get('task_name', 'run')}: run directory {out}")
     print(f"  overrides  {overrides}")
