@@ -83,6 +83,7 @@ CASES = [
     case("value", "train.py", "resume=sometimes", "resume=sometimes is not one of auto, never"),
     case("value", "train.py", "extras.print_config=loud", "extras.print_config=loud is not one of short, full, none"),
     case("value", "train.py", "trainer.max_steps=(", "cannot read the override trainer.max_steps=(: quote a value", quick=True),
+    case("value", "train.py", "experiment=finetune_gpt2", "model.init_from, data.path must be given (experiment=finetune_gpt2 needs them); add model.init_from=... data.path=... to the command", quick=True),
     case("value", "train.py", "model.net.n_layer  2", "model.net.n_layer has no value: the '=' is missing; write model.net.n_layer=2", quick=True),
     case("value", "train.py", "model.net.n_layer=1,2", "model.net.n_layer=1,2: a comma makes a list or a sweep", quick=True),
     case("value", "generate.py", f"{CK}  top_k=-5", "top_k=-5 must be >= 1; top_k=null samples from all tokens"),

@@ -37,6 +37,47 @@ def typed_keys() -> set[str]:
     return {str(o).partition("=")[0].lstrip("+~") for o in typed}
 
 
+# --------------------------------------------------------------------------------- mandatory
+def check_mandatory(cfg: DictConfig, filled_by_data: str = "model.net.") -> None:
+    """A value left `???`, or a key the config lists under `required:`, is refused when not
+    given, never silently taken as unset: `experiment=finetune_gpt2` without `model.init_from`
+    or `data.path` would train a random GPT-2 on the embedded corpus. (An experiment lists such
+    keys under `required:`: a `???` it merges over a group's default is dropped by OmegaConf.)
+    The net's `???` fields (vocabulary, classes, input sizes) are the data's to fill."""
+    missing = [k for k in missing_keys(cfg) if not k.startswith(filled_by_data)]
+    for key in cfg.get("required") or ():
+        if key not in missing and OmegaConf.select(cfg, key, default=None) in (None, ""):
+            missing.append(str(key))
+    if not missing:
+        return
+    where = ""
+    if HydraConfig.initialized():
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+        if experiment:
+            where = f" (experiment={experiment} needs {'it' if len(missing) == 1 else 'them'})"
+    give = " ".join(f"{k}=..." for k in missing)
+    raise UserError(f"{', '.join(missing)} must be given{where}; add {give} to the command")
+
+
+def missing_keys(node: Any, key: str = "") -> list[str]:
+    """Every `???` value under node, by its full key."""
+    out: list[str] = []
+    if isinstance(node, DictConfig):
+        for k in node.keys():  # noqa: SIM118 (includes ??? values)
+            full = f"{key}.{k}" if key else str(k)
+            if OmegaConf.is_missing(node, k):
+                out.append(full)
+            elif not OmegaConf.is_interpolation(node, k):
+                out += missing_keys(node[k], full)
+    elif isinstance(node, ListConfig):
+        for i in range(len(node)):
+            if OmegaConf.is_missing(node, i):
+                out.append(f"{key}[{i}]")
+            elif not OmegaConf.is_interpolation(node, i):
+                out += missing_keys(node[i], f"{key}[{i}]")
+    return out
+
+
 # ------------------------------------------------------------------------------------- types
 def check_types(node: Any, key: str) -> None:
     """Check config values against the type hints of the `_target_` they will be passed to.
@@ -198,8 +239,7 @@ def refuse_other_options(options_class: type, what: str) -> None:
     other = sorted(k for k in typed_keys() if "." not in k and k not in takes)
     if other:
         raise UserError(
-            f"{', '.join(other)}: not an option of this model ({what}); it takes "
-            f"{', '.join(names)}"
+            f"{', '.join(other)}: not an option of this model ({what}); it takes {', '.join(names)}"
         )
 
 

@@ -46,6 +46,7 @@ from bigmodel.checkpoints import (
 from bigmodel.config_checks import (
     absolute_data_paths,
     check_context,
+    check_mandatory,
     check_precision,
     check_types,
     fill_from_data,
@@ -169,6 +170,7 @@ def _recorded_metrics(out: Path) -> dict[str, float]:
 @reports_user_errors
 def train(cfg: DictConfig) -> float | None:
     """Train (and by default test) a task; return the value of `optimized_metric`."""
+    check_mandatory(cfg)
     with fresh_process_group():
         try:
             return _train(cfg)
