@@ -133,7 +133,7 @@ def run_command(request: dict, fds: list[int], default_threads: int) -> None:
         os.environ.update(request["env"])
         setup_streams()
         setup_threads(default_threads)
-        code = run_main(request["argv"], request["cwd"])
+        code = run_main(request["argv"])
     except BaseException:  # a failure of the runner itself, not of the command
         traceback.print_exc()
         code = 1
@@ -172,7 +172,7 @@ def setup_threads(default_threads: int) -> None:
         sys.modules["numpy"].random.seed()
 
 
-def run_main(argv: list[str], cwd: str) -> int:
+def run_main(argv: list[str]) -> int:
     """Run `argv[1:]` (a script, `-m module` or `-c code`) as `__main__`; the exit status
     CPython gives."""
     kind = argv[1]
