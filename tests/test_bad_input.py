@@ -118,6 +118,18 @@ CASES = [
     case("data", "train.py", f"{CK}  data.splits=[0.8,0.1,0.1]", "the checkpoint's training set had 13079 items an epoch and this one has 11626"),
     case("data", "generate.py", f"{CK}  prompt=日本語", "character '日' is not in the character vocabulary of this model", quick=True),
     case("data", "train.py", "data.block_size=100000  model.net.block_size=100000", "fewer than one block (100001)"),
+    # a task, data, net and loss that do not fit together: refused before anything is built
+    case("data", "train.py", "experiment=regression  loss=cross_entropy", "loss=cross_entropy (CrossEntropyLoss) does not fit regression (a Regressor takes MSELoss, L1Loss, HuberLoss, SmoothL1Loss): use loss=huber or loss=l1 or loss=mse", quick=True),
+    case("data", "train.py", "experiment=digits_cnn  loss=mse", "loss=mse (MSELoss) does not fit classification (a Classifier takes CrossEntropyLoss, MultiMarginLoss): use loss=cross_entropy or loss=hinge", quick=True),
+    case("data", "train.py", "experiment=translation  loss=hinge", "loss=hinge (MultiMarginLoss) does not fit translation (a Seq2Seq takes CrossEntropyLoss): use loss=cross_entropy"),
+    case("data", "train.py", "loss=mse", "loss=mse: a LanguageModel is trained with its own loss and takes none; leave loss=mse out", quick=True),
+    case("data", "train.py", "data=digits", "data=digits is image classification, and model=gpt is a LanguageModel for language modelling: use model=cnn or model=vit", quick=True),
+    case("data", "train.py", "data=translation", "data=translation is parallel sentences for translation, and model=gpt is a LanguageModel for language modelling: use model=seq2seq"),
+    case("data", "train.py", "model=cnn", "data=text is language-modelling text, and model=cnn is a Classifier for classification: use model=gpt", quick=True),
+    case("data", "train.py", "data=spoken_digits  model=cnn", "model=cnn needs model.net.in_channels, which data=spoken_digits (audio classification) does not give (it gives num_classes, sample_rate): use model=audio_cnn", quick=True),
+    case("data", "train.py", "model.net.vocab_size=50", "model.net.vocab_size=50 is smaller than the data's vocab_size=104; leave model.net.vocab_size out (it follows the data) or set it to 104 or more", quick=True),
+    case("data", "train.py", "experiment=digits_cnn  model.net.num_classes=5", "model.net.num_classes=5 is smaller than the data's num_classes=10"),
+    case("data", "train.py", "experiment=digits_cnn  model.net.in_channels=3", "model.net.in_channels=3 does not match the data's in_channels=1; leave model.net.in_channels out"),
 ]
 # fmt: on
 
@@ -177,7 +189,9 @@ def snapshot(root: Path) -> dict[Path, int]:
 def test_bad_input(earlier, c: Case):
     fill = {k: str(v) for k, v in earlier.items()}
     args = [a.format(**fill) for a in c.args]
-    if c.script == "train.py" and not any(a.startswith(("model=", "data=")) for a in args):
+    if c.script == "train.py" and not any(
+        a.startswith(("model=", "data=", "experiment=")) for a in args
+    ):
         # shortened like every CLI test; a case's own value wins (later overrides win in Hydra)
         flags = [a for a in args if a.startswith("-")]  # -m goes before the overrides
         shorter = SWEEP_LM if flags else TINY_LM

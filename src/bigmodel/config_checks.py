@@ -8,6 +8,7 @@ the type hints of the task's `Generation` dataclass instead (`generation_options
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -21,7 +22,7 @@ from typing import Any
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from bigmodel.cli import accepted_keys
 from bigmodel.errors import UserError
@@ -289,13 +290,36 @@ def absolute_data_paths(data: DictConfig) -> None:
                 data[key] = absolute(value)
 
 
+# net fields the data counts: a net may have room for more (GPT-2's vocabulary padded to 50304),
+# never for fewer (an id past the embedding is an IndexError deep in a forward)
+_AT_LEAST = ("vocab_size", "num_classes", "src_vocab_size", "tgt_vocab_size")
+
+
 def fill_from_data(node: DictConfig, values: dict[str, Any]) -> None:
-    """Fill the `???` fields of a net config with what only the data knows (vocab, classes)."""
-    with open_dict(node):
+    """Fill the `???` fields of a net config with what only the data knows (vocab, classes);
+    a field given on the command line must agree with the data: as large where the data counts
+    (`model.net.vocab_size=50` for 65 characters is refused), equal elsewhere."""
+    with read_write(node), open_dict(node):
         for key, value in values.items():
             # `in` on a DictConfig is False for ??? values: ask the keys
-            if key in node.keys() and OmegaConf.is_missing(node, key):  # noqa: SIM118
+            if key not in node.keys():  # noqa: SIM118
+                continue
+            if OmegaConf.is_missing(node, key):
                 node[key] = value
+                continue
+            ours = node[key]
+            if not isinstance(ours, int) or isinstance(ours, bool) or not isinstance(value, int):
+                continue
+            if key in _AT_LEAST and ours < value:
+                raise UserError(
+                    f"model.net.{key}={ours} is smaller than the data's {key}={value}; leave "
+                    f"model.net.{key} out (it follows the data) or set it to {value} or more"
+                )
+            if key not in _AT_LEAST and ours != value:
+                raise UserError(
+                    f"model.net.{key}={ours} does not match the data's {key}={value}; leave "
+                    f"model.net.{key} out (it follows the data)"
+                )
 
 
 def check_context(cfg: DictConfig) -> None:
@@ -307,3 +331,133 @@ def check_context(cfg: DictConfig) -> None:
             f"data.block_size={data} is longer than the model's context model.net.block_size="
             f"{net}; set data.block_size <= {net} (by default it follows model.net.block_size)"
         )
+
+
+# --------------------------------------------------------------------------------------- fit
+def check_fit(cfg: DictConfig) -> None:
+    """Task, data, net and loss fit together: checked from their classes and configs before
+    anything is built, with one line that says what fits.
+
+    - the data's `learning` is the task's (`data=digits` is image classification: a GPT does not
+      take it);
+    - every `???` field of `model.net` is one the data fills (`provides`): a CNN needs
+      `in_channels`, which audio does not give;
+    - the loss is one of the task's `losses` (classes); a task without any takes no `loss=`.
+    """
+    task_cls = _class_of(cfg.get("model"))
+    data_cls = _class_of(cfg.get("data"))
+    if task_cls is None or data_cls is None:
+        return
+    learning, data_learning = getattr(task_cls, "learning", ""), getattr(data_cls, "learning", "")
+    provides = set(getattr(data_cls, "provides", ()))
+    net = cfg.model.get("net") if "net" in cfg.model else None
+    needs = [k for k in missing_keys(net) if "." not in k and "[" not in k] if net else []
+    data_name, model_name = _choice(cfg, "data"), _choice(cfg, "model")
+    summary = getattr(data_cls, "summary", "") or data_learning
+    if learning and data_learning and learning != data_learning:
+        raise UserError(
+            f"{data_name} is {summary}, and {model_name} is a {task_cls.__name__} for "
+            f"{learning}: {_models_for(cfg, data_cls) or 'pick data of its kind'}"
+        )
+    if provides and any(k not in provides for k in needs):
+        lacking = [k for k in needs if k not in provides]
+        raise UserError(
+            f"{model_name} needs {', '.join('model.net.' + k for k in lacking)}, which {data_name} "
+            f"({summary}) does not give (it gives {', '.join(sorted(provides))}): "
+            f"{_models_for(cfg, data_cls) or 'set it on the command line'}"
+        )
+    loss = cfg.get("loss")
+    loss_cls = _class_of(loss)
+    if loss_cls is None:
+        return
+    losses = tuple(getattr(task_cls, "losses", ()))
+    loss_name = _choice(cfg, "loss")
+    if not losses:
+        raise UserError(
+            f"{loss_name}: a {task_cls.__name__} is trained with its own loss and takes none; "
+            f"leave {loss_name} out"
+        )
+    if not issubclass(loss_cls, losses):
+        fitting = [
+            f"loss={n}" for n, c in _group_classes(cfg, "loss").items() if issubclass(c, losses)
+        ]
+        raise UserError(
+            f"{loss_name} ({loss_cls.__name__}) does not fit {learning} (a {task_cls.__name__} "
+            f"takes {', '.join(c.__name__ for c in losses)})"
+            + (f": use {' or '.join(fitting)}" if fitting else "")
+        )
+
+
+def _class_of(node: Any) -> type | None:
+    """The class a config node's `_target_` names (None: no node, no target, not a class)."""
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return None
+    try:
+        obj = hydra.utils.get_object(str(node._target_))
+    except Exception:  # an unknown target: instantiate says so
+        return None
+    return obj if inspect.isclass(obj) else None
+
+
+def _choice(cfg: DictConfig, group: str) -> str:
+    """How the command names a group's option: `data=digits` (the target's class elsewhere)."""
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get(group)
+        if choice:
+            return f"{group}={choice}"
+    cls = _class_of(cfg.get(group))
+    return f"{group} ({cls.__name__})" if cls else group
+
+
+def _group_files(group: str) -> dict[str, Path]:
+    """The options of a config group in this command's config folders: name -> yaml file."""
+    if not HydraConfig.initialized():
+        return {}
+    out: dict[str, Path] = {}
+    for source in HydraConfig.get().runtime.config_sources:
+        if source.schema != "file" or not source.path:
+            continue
+        for f in sorted(Path(source.path, group).glob("*.yaml")):
+            out.setdefault(f.stem, f)
+    return out
+
+
+def _option_config(group: str, name: str, files: dict[str, Path], depth: int = 0) -> DictConfig:
+    """A group option's own config merged over the options of its group it lists under
+    `defaults:` (gpt_small over gpt); interpolations are left unresolved."""
+    conf = OmegaConf.load(files[name])
+    merged = OmegaConf.create()
+    for entry in conf.pop("defaults", None) or ():
+        if isinstance(entry, str) and entry in files and depth < 8:
+            merged = OmegaConf.merge(merged, _option_config(group, entry, files, depth + 1))
+    return OmegaConf.merge(merged, conf)
+
+
+def _group_classes(cfg: DictConfig, group: str) -> dict[str, type]:
+    files = _group_files(group)
+    out = {}
+    for name in files:
+        with contextlib.suppress(Exception):  # an option that does not load is not a suggestion
+            cls = _class_of(_option_config(group, name, files))
+            if cls is not None:
+                out[name] = cls
+    return out
+
+
+def _models_for(cfg: DictConfig, data_cls: type) -> str:
+    """`use model=cnn or model=vit`: the model options whose task and net fit the data."""
+    files = _group_files("model")
+    provides = set(getattr(data_cls, "provides", ()))
+    fitting = []
+    for name in files:
+        try:
+            model = _option_config("model", name, files)
+        except Exception:
+            continue
+        task = _class_of(model)
+        if task is None or getattr(task, "learning", "") != getattr(data_cls, "learning", ""):
+            continue
+        needs = missing_keys(model.get("net")) if "net" in model else []
+        if all(k in provides for k in needs if "." not in k):
+            fitting.append(f"model={name}")
+    return f"use {' or '.join(fitting)}" if fitting else ""

@@ -26,7 +26,7 @@ import torch
 from hydra.errors import InstantiationException
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from bigmodel.callbacks.best import BestCheckpoints
 from bigmodel.callbacks.changes import ResumeChanges
@@ -46,6 +46,7 @@ from bigmodel.checkpoints import (
 from bigmodel.config_checks import (
     absolute_data_paths,
     check_context,
+    check_fit,
     check_mandatory,
     check_precision,
     check_types,
@@ -83,7 +84,14 @@ def instantiate_all(cfg: DictConfig | None) -> list:
 
 
 def build_task(cfg: DictConfig, datamodule: L.LightningDataModule) -> L.LightningModule:
-    fill_from_data(cfg.model.net, getattr(datamodule, "net_kwargs", {}))
+    values = getattr(datamodule, "net_kwargs", {})
+    declared = getattr(type(datamodule), "provides", None)
+    if declared is not None and set(values) != set(declared):  # check_fit reads `provides`
+        raise RuntimeError(
+            f"{type(datamodule).__name__}.provides={declared} does not name the keys of its "
+            f"net_kwargs ({sorted(values)})"
+        )
+    fill_from_data(cfg.model.net, values)
     check_context(cfg)
     optimizer = hydra.utils.instantiate(cfg.optimizer) if cfg.get("optimizer") else None
     scheduler = None
@@ -112,11 +120,7 @@ def build_trainer(cfg: DictConfig, **kwargs) -> L.Trainer:
     accelerator = kwargs.get("accelerator", cfg.trainer.get("accelerator"))
     precision = resolve_precision(cfg.trainer.get("precision"), accelerator)
     check_precision(precision)
-    if precision != cfg.trainer.get("precision"):  # precision=auto: the config records the pick
-        with open_dict(cfg):
-            cfg.trainer.precision = precision
-            if "precision" in cfg:
-                cfg.precision = precision
+    _record_precision(cfg, precision)
     try:
         return hydra.utils.instantiate(cfg.trainer, strategy=strategy, plugins=plugins, **kwargs)
     except InstantiationException as e:  # devices=0, accelerator=tpu without torch_xla, ...
@@ -141,7 +145,7 @@ def set_accumulation(cfg: DictConfig, trainer: L.Trainer) -> None:
         int(global_batch), int(cfg.data.batch_size), trainer.num_devices, trainer.num_nodes
     )
     trainer.accumulate_grad_batches = steps
-    with open_dict(cfg):
+    with read_write(cfg), open_dict(cfg):
         cfg.trainer.accumulate_grad_batches = steps
     log.info(
         f"global_batch_size={global_batch}: {cfg.data.batch_size} per device x "
@@ -194,12 +198,18 @@ def train(cfg: DictConfig) -> float | None:
             sys.exit(128 + signum)
 
 
-def _train(cfg: DictConfig) -> float | None:
-    """Train (and by default test) a task; return the value of `optimized_metric`."""
-    t0 = time.perf_counter()
-    out = output_dir(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+def prepare_run(cfg: DictConfig, out: Path) -> tuple[str | None, dict | None]:
+    """Settle this run's config in one step, before anything is built, and check it whole.
 
+    What changes the config happens here and only here: the checkpoint to resume (its data
+    settings, and what this command changes of its training), `model.init_from`'s sizes and
+    tokenizer, absolute data paths, `precision=auto`'s pick. Then every check (`???` values are
+    checked first, by `train`): the types and keys of each group, and that task, data, net and
+    loss fit together. The config is read-only afterwards; the one later write is of the net
+    fields only the data can count (`fill_from_data`), and of the accumulation the Trainer's
+    device count gives.
+    Returns the checkpoint to resume (path and contents), if any.
+    """
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.task_name)
     if ckpt_path is None and cfg.get("train", True):
         ckpt_path = auto_resume(cfg.get("resume"), out)
@@ -210,11 +220,35 @@ def _train(cfg: DictConfig) -> float | None:
         resume_data_config(cfg, ckpt, ckpt_path)
         resume_training_config(cfg, ckpt, ckpt_path)
     prepare_pretrained(cfg)  # model.init_from sizes the net and picks the tokenizer
+    precision = resolve_precision(cfg.trainer.get("precision"), cfg.trainer.get("accelerator"))
+    check_precision(precision)
+    _record_precision(cfg, precision)
+
+    check_fit(cfg)
     for group in ("data", "model", "optimizer", "scheduler", "loss", "callbacks", "logger"):
         check_types(task_config(cfg.model) if group == "model" else cfg.get(group), group)
     check_types(cfg.get("trainer"), "trainer")
     if isinstance(cfg.get("strategy"), DictConfig):
         check_types(cfg.strategy, "strategy")
+    OmegaConf.set_readonly(cfg, True)
+    return ckpt_path, ckpt
+
+
+def _record_precision(cfg: DictConfig, precision: Any) -> None:
+    """precision=auto: the config records the pick."""
+    if precision != cfg.trainer.get("precision"):
+        with open_dict(cfg):
+            cfg.trainer.precision = precision
+            if "precision" in cfg:
+                cfg.precision = precision
+
+
+def _train(cfg: DictConfig) -> float | None:
+    """Train (and by default test) a task; return the value of `optimized_metric`."""
+    t0 = time.perf_counter()
+    out = output_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, ckpt = prepare_run(cfg, out)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)

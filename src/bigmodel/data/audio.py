@@ -74,6 +74,10 @@ class ClipFiles(Dataset):
 class AudioDataModule(DataModule):
     """Audio classification data: (waveforms float (B, L), labels int64 (B,)) batches."""
 
+    learning = "classification"
+    summary = "audio classification"
+    provides = ("num_classes", "sample_rate")
+
     def __init__(
         self,
         source: str = "spoken_digits",

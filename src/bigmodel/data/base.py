@@ -11,7 +11,9 @@ subclass `DataModule` and:
 3. implement `dataset(split)`: the Dataset of one split in its fixed order (validation, testing,
    and training unless `train_dataset()` is overridden, such as to draw training windows);
 4. implement `net_kwargs`: what the net needs that only the data can tell (`vocab_size`,
-   `num_classes`, ...); run.py fills the `???` fields of `model.net` from it;
+   `num_classes`, ...); run.py fills the `???` fields of `model.net` from it. Name its keys in
+   `provides`, and say what the batches are for in `learning` (the task's `learning`) and
+   `summary`: run.py checks that the model fits the data before either is built;
 5. set `self.tokenizer` (anything with `to_dict()`, see tokenizers.py) or `self.classes` (class
    names) in `build()` where the data has them: `state_dict` puts them in checkpoints and
    `load_state_dict` restores the tokenizer; call `check_saved_classes()` in `build()` so that
@@ -26,7 +28,7 @@ that belong on the training device go in Lightning's `on_after_batch_transfer`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -41,6 +43,13 @@ SPLITS = ("train", "val", "test")
 class DataModule(L.LightningDataModule, ABC):
     """A LightningDataModule with the settings checks, idempotent setup, loaders and checkpoint
     state every data module shares (see the module docstring for what a subclass provides)."""
+
+    # what the batches are for: a task whose `learning` is the same takes them
+    learning: ClassVar[str] = ""
+    # the data in a few words, for messages: "image classification"
+    summary: ClassVar[str] = ""
+    # the keys of `net_kwargs`: the net fields this data fills (a net needing another is refused)
+    provides: ClassVar[tuple[str, ...]] = ()
 
     # training reads the dataset in an order shuffled per epoch (seeded); False: in order
     train_shuffle: bool = True

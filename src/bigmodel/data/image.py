@@ -71,6 +71,10 @@ class ImageDataModule(DataModule):
     seeded (`val_fraction`, `test_fraction` of each class).
     """
 
+    learning = "classification"
+    summary = "image classification"
+    provides = ("num_classes", "in_channels", "image_size")
+
     def __init__(
         self,
         source: str = "digits",

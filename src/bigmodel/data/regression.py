@@ -31,6 +31,10 @@ def make_regression(
 class RegressionDataModule(DataModule):
     """Seeded synthetic regression data split into train / val / test by fractions."""
 
+    learning = "regression"
+    summary = "regression data (feature vectors to targets)"
+    provides = ("in_features", "out_features")
+
     def __init__(
         self,
         n_samples: int = 4000,

@@ -84,6 +84,10 @@ class TextDataModule(DataModule):
     byte-level and has no unknowns.
     """
 
+    learning = "language modelling"
+    summary = "language-modelling text"
+    provides = ("vocab_size",)
+
     # the windows are drawn at random offsets per epoch already: training reads them in order,
     # whole batches only
     train_shuffle = False

@@ -94,6 +94,10 @@ class TranslationDataModule(DataModule):
         split: the split eval.py scores.
     """
 
+    learning = "translation"
+    summary = "parallel sentences for translation"
+    provides = ("src_vocab_size", "tgt_vocab_size", "pad_id", "bos_id", "eos_id")
+
     def __init__(
         self,
         source: str = "synthetic",

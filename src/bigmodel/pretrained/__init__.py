@@ -19,7 +19,7 @@ import os
 from typing import Any
 
 import torch.nn as nn
-from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 
 from bigmodel.errors import UserError
 from bigmodel.pretrained.lora import (
@@ -42,7 +42,7 @@ def task_config(model: DictConfig) -> DictConfig:
     if not any(k in model for k in OPTIONS):
         return model
     out = copy.copy(model)
-    with open_dict(out):
+    with read_write(out), open_dict(out):
         for key in OPTIONS:
             out.pop(key, None)
     return out

@@ -6,7 +6,7 @@ import contextlib
 import functools
 import inspect
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -30,6 +30,11 @@ class Task(L.LightningModule):
             optimizer, e.g. {"scheduler": partial(WarmupCosineLR, ...), "interval": "step"}.
         compile: compile the net (not the LightningModule) with torch.compile.
     """
+
+    # what the task learns: it takes the data modules whose `learning` is the same
+    learning: ClassVar[str] = ""
+    # the loss classes the `loss` group may give it; none: it takes no `loss=`
+    losses: ClassVar[tuple[type[nn.Module], ...]] = ()
 
     def __init__(
         self,

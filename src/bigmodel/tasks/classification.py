@@ -53,6 +53,9 @@ class Classifier(Task):
         loss: a module mapping (logits (B, K), labels (B,)) to a scalar.
     """
 
+    learning = "classification"
+    losses = (nn.CrossEntropyLoss, nn.MultiMarginLoss)
+
     def __init__(
         self,
         net: ClassifierNet,

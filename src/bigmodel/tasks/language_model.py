@@ -19,6 +19,8 @@ from bigmodel.tasks.protocols import CountsTokenFlops, LanguageNet
 class LanguageModel(Task):
     """Cross-entropy language modelling with `*/loss` and `val/ppl`, `test/ppl` (torchmetrics)."""
 
+    learning = "language modelling"
+
     @dataclass
     class Generation:
         """generate.py's keys for a language model (configs/generate.yaml has the defaults)."""

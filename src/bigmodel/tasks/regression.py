@@ -32,6 +32,9 @@ class Regressor(Task):
     loss: a module mapping (predictions, targets) to a scalar; MSE by default.
     """
 
+    learning = "regression"
+    losses = (nn.MSELoss, nn.L1Loss, nn.HuberLoss, nn.SmoothL1Loss)
+
     def __init__(
         self,
         net: RegressionNet,

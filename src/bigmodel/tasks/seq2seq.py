@@ -40,6 +40,9 @@ class Seq2Seq(Task):
         num_examples: source / reference / hypothesis triples shown after each validation.
     """
 
+    learning = "translation"
+    losses = (nn.CrossEntropyLoss,)
+
     @dataclass
     class Generation:
         """generate.py's keys for a translation model (configs/generate.yaml has the defaults)."""
