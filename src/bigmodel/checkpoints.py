@@ -330,10 +330,43 @@ def resume_training_config(cfg: DictConfig, ckpt: dict, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------- restoring
-def restore(ckpt_path: str, data_overrides: DictConfig | None = None):
-    """Rebuild data module and task from a checkpoint alone -> (config, datamodule, task)."""
+def moved_base(cfg: DictConfig, init_from: Any, path: str) -> None:
+    """`model.init_from=DIR` on eval.py, generate.py, export.py, predict.py, serve.py: the
+    pretrained model a checkpoint was trained from (the frozen base of LoRA adapters, which the
+    checkpoint leaves out) has moved to DIR. The checkpoint's config is pointed there, and so is
+    its tokenizer folder where it was the base's."""
+    if init_from in (None, ""):
+        return
+    saved = OmegaConf.select(cfg, "model.init_from", default=None)
+    if not saved:
+        raise UserError(
+            f"model.init_from={init_from}: {path} was not trained from a pretrained model (its "
+            "model.init_from is unset), so there is no base to read; leave model.init_from out"
+        )
+    new = os.path.abspath(os.path.expanduser(str(init_from)))
+    if not os.path.exists(new):
+        raise UserError(
+            f"model.init_from={init_from} does not exist; give the folder (or .ckpt) that the "
+            f"base model {saved} moved to"
+        )
+    if os.path.isdir(new) != os.path.isdir(saved) and os.path.exists(saved):
+        raise UserError(f"model.init_from={init_from}: the base {saved} is not of that kind")
+    with open_dict(cfg):
+        cfg.model.init_from = new
+        if OmegaConf.select(cfg, "data.tokenizer", default=None) == saved:
+            cfg.data.tokenizer = new
+    if new != saved:
+        log.info(f"model.init_from: the base model is read from {new} (trained from {saved})")
+
+
+def restore(ckpt_path: str, data_overrides: DictConfig | None = None, init_from: str | None = None):
+    """Rebuild data module and task from a checkpoint alone -> (config, datamodule, task).
+
+    data_overrides: data keys to change (the data moved, another split); init_from: where the
+    checkpoint's pretrained base lives now (`moved_base`)."""
     ckpt = load_checkpoint(ckpt_path)
     cfg = checkpoint_config(ckpt, ckpt_path)
+    moved_base(cfg, init_from, ckpt_path)
     if data_overrides:
         with open_dict(cfg):
             cfg.data = OmegaConf.merge(

@@ -349,7 +349,8 @@ def check_fit(cfg: DictConfig) -> None:
     if task_cls is None or data_cls is None:
         return
     learning, data_learning = getattr(task_cls, "learning", ""), getattr(data_cls, "learning", "")
-    provides = set(getattr(data_cls, "provides", ()))
+    declared = getattr(data_cls, "provides", None)
+    provides = set(declared or ())
     net = cfg.model.get("net") if "net" in cfg.model else None
     needs = [k for k in missing_keys(net) if "." not in k and "[" not in k] if net else []
     data_name, model_name = _choice(cfg, "data"), _choice(cfg, "model")
@@ -359,7 +360,7 @@ def check_fit(cfg: DictConfig) -> None:
             f"{data_name} is {summary}, and {model_name} is a {task_cls.__name__} for "
             f"{learning}: {_models_for(cfg, data_cls) or 'pick data of its kind'}"
         )
-    if provides and any(k not in provides for k in needs):
+    if declared is not None and any(k not in provides for k in needs):
         lacking = [k for k in needs if k not in provides]
         raise UserError(
             f"{model_name} needs {', '.join('model.net.' + k for k in lacking)}, which {data_name} "
@@ -447,7 +448,7 @@ def _group_classes(cfg: DictConfig, group: str) -> dict[str, type]:
 def _models_for(cfg: DictConfig, data_cls: type) -> str:
     """`use model=cnn or model=vit`: the model options whose task and net fit the data."""
     files = _group_files("model")
-    provides = set(getattr(data_cls, "provides", ()))
+    declared = getattr(data_cls, "provides", None)
     fitting = []
     for name in files:
         try:
@@ -458,6 +459,6 @@ def _models_for(cfg: DictConfig, data_cls: type) -> str:
         if task is None or getattr(task, "learning", "") != getattr(data_cls, "learning", ""):
             continue
         needs = missing_keys(model.get("net")) if "net" in model else []
-        if all(k in provides for k in needs if "." not in k):
+        if declared is None or all(k in declared for k in needs if "." not in k):
             fitting.append(f"model={name}")
     return f"use {' or '.join(fitting)}" if fitting else ""

@@ -346,6 +346,11 @@ def _sweeper_ranks_jobs() -> bool:
     return not target.endswith("BasicSweeper")
 
 
+def _init_from(cfg: DictConfig) -> str | None:
+    """`model.init_from=DIR`: where a checkpoint's pretrained base model lives now."""
+    return OmegaConf.select(cfg, "model.init_from", default=None)
+
+
 @reports_user_errors
 def evaluate(cfg: DictConfig) -> dict[str, float]:
     """Test a checkpoint on a split of its own data and print the metrics."""
@@ -354,7 +359,7 @@ def evaluate(cfg: DictConfig) -> dict[str, float]:
         raise UserError("eval.py needs ckpt_path=PATH (a .ckpt written by train.py, or 'last')")
     out = output_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    _, datamodule, task = restore(ckpt_path, cfg.get("data"))
+    _, datamodule, task = restore(ckpt_path, cfg.get("data"), _init_from(cfg))
     datamodule.setup("test")
     if cfg.get("quantize"):  # int8 for CPU inference, tested next to the float32 net
         from bigmodel.quantize import evaluate_quantized
@@ -397,7 +402,7 @@ def generate(cfg: DictConfig) -> list[str]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.paths.log_dir, "train")
     if ckpt_path is None:
         raise UserError("generate.py needs ckpt_path=PATH (a .ckpt written by train.py, or 'last')")
-    _, datamodule, task = restore(ckpt_path)
+    _, datamodule, task = restore(ckpt_path, init_from=_init_from(cfg))
     tokenizer = getattr(datamodule, "tokenizer", None)
     options_class = getattr(task, "Generation", None)
     if tokenizer is None or options_class is None:

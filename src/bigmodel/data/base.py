@@ -48,8 +48,9 @@ class DataModule(L.LightningDataModule, ABC):
     learning: ClassVar[str] = ""
     # the data in a few words, for messages: "image classification"
     summary: ClassVar[str] = ""
-    # the keys of `net_kwargs`: the net fields this data fills (a net needing another is refused)
-    provides: ClassVar[tuple[str, ...]] = ()
+    # the keys of `net_kwargs`: the net fields this data fills (a net needing another is refused
+    # before anything is built); None: not declared, the net is checked once the data is read
+    provides: ClassVar[tuple[str, ...] | None] = None
 
     # training reads the dataset in an order shuffled per epoch (seeded); False: in order
     train_shuffle: bool = True

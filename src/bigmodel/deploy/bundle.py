@@ -19,7 +19,7 @@ import hydra
 import torch
 import torch.nn as nn
 
-from bigmodel.checkpoints import checkpoint_config, load_checkpoint, resolve_ckpt_path
+from bigmodel.checkpoints import checkpoint_config, load_checkpoint, moved_base, resolve_ckpt_path
 from bigmodel.data.tokenizers import tokenizer_from_dict
 from bigmodel.errors import UserError
 from bigmodel.pretrained import build_net as pretrained_net
@@ -140,15 +140,20 @@ def _card_from_run(path: Path, ckpt: dict, cfg: dict, task_name: str) -> dict:
     return card
 
 
-def from_checkpoint(ckpt_path: str, log_dir: str | None = None) -> Bundle:
-    """A checkpoint of train.py -> Bundle (weights loaded with weights_only=True)."""
+def from_checkpoint(
+    ckpt_path: str, log_dir: str | None = None, init_from: str | None = None
+) -> Bundle:
+    """A checkpoint of train.py -> Bundle (weights loaded with weights_only=True); init_from:
+    where its pretrained base model lives now, if it moved (`checkpoints.moved_base`)."""
     path = resolve_ckpt_path(ckpt_path, log_dir, "train")
     if path is None:
         raise UserError("give ckpt_path=PATH (a .ckpt written by train.py, or 'last')")
     ckpt = load_checkpoint(path)
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.to_container(checkpoint_config(ckpt, path), resolve=True)
+    saved = checkpoint_config(ckpt, path)
+    moved_base(saved, init_from, path)
+    cfg = OmegaConf.to_container(saved, resolve=True)
     task_name = (ckpt.get("bigmodel") or {}).get("task") or cfg["model"]["_target_"].split(".")[-1]
     data_target = cfg["data"].get("_target_", "")
     kind = kind_of(task_name, data_target)
@@ -221,13 +226,24 @@ def from_folder(folder: str | Path) -> Bundle:
     )
 
 
-def load_bundle(ckpt_path: str | None, model_dir: str | None, log_dir: str | None) -> Bundle:
-    """Exactly one of ckpt_path= (a checkpoint) and model_dir= (an exported folder)."""
+def load_bundle(
+    ckpt_path: str | None,
+    model_dir: str | None,
+    log_dir: str | None,
+    init_from: str | None = None,
+) -> Bundle:
+    """Exactly one of ckpt_path= (a checkpoint) and model_dir= (an exported folder); init_from:
+    where a checkpoint's pretrained base model lives now."""
     if bool(ckpt_path) == bool(model_dir):
         raise UserError(
             "give exactly one of ckpt_path=PATH (a .ckpt written by train.py, or 'last') and "
             "model_dir=DIR (a folder written by export.py)"
         )
-    bundle = from_checkpoint(ckpt_path, log_dir) if ckpt_path else from_folder(model_dir)
+    if init_from and not ckpt_path:
+        raise UserError(
+            f"model.init_from={init_from} reads a checkpoint's base model; an exported folder "
+            "holds its weights merged: leave model.init_from out"
+        )
+    bundle = from_checkpoint(ckpt_path, log_dir, init_from) if ckpt_path else from_folder(model_dir)
     torch.set_grad_enabled(False)  # inference only, from here on
     return bundle

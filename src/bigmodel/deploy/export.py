@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bigmodel.errors import UserError, reports_user_errors
 
@@ -57,7 +57,9 @@ def _fill(bundle: Bundle, cfg: DictConfig, name: str, tmp: Path) -> None:
             from bigmodel.checkpoints import restore
             from bigmodel.deploy.scoring import score_engines
 
-            _, datamodule, _ = restore(bundle.card["source"])
+            _, datamodule, _ = restore(
+                bundle.card["source"], init_from=bundle.model.get("init_from")
+            )
             scores = score_engines(
                 dataclasses.replace(bundle, folder=tmp), datamodule, int(cfg.eval_batches)
             )
@@ -84,7 +86,7 @@ def _export_hf(cfg: DictConfig, bundle: Bundle, out: Path) -> None:
     from bigmodel.checkpoints import restore
     from bigmodel.deploy.folder import write_folder
 
-    _, datamodule, task = restore(bundle.card["source"])
+    _, datamodule, task = restore(bundle.card["source"], init_from=bundle.model.get("init_from"))
     task.run_config = {"model": bundle.model, "data": bundle.data}
     kwargs = {}
     if "tokenizer" in inspect.signature(hf.export_hf).parameters:
@@ -99,7 +101,8 @@ def export(cfg: DictConfig) -> Path:
     from bigmodel.deploy.bundle import from_checkpoint
     from bigmodel.deploy.folder import write_folder
 
-    bundle = from_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
+    init_from = OmegaConf.select(cfg, "model.init_from", default=None)
+    bundle = from_checkpoint(cfg.ckpt_path, cfg.paths.log_dir, init_from)
     out = Path(cfg.out)
     if cfg.format == "hf":
         _export_hf(cfg, bundle, out)

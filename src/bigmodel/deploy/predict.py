@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bigmodel.deploy.bundle import load_bundle
 from bigmodel.deploy.folder import atomic_write_text
@@ -241,7 +241,12 @@ def predict(cfg: DictConfig) -> list[dict]:
     path = Path(cfg.input)
     if not path.exists():
         raise UserError(f"input={path} does not exist")
-    bundle = load_bundle(cfg.get("ckpt_path"), cfg.get("model_dir"), cfg.paths.log_dir)
+    bundle = load_bundle(
+        cfg.get("ckpt_path"),
+        cfg.get("model_dir"),
+        cfg.paths.log_dir,
+        OmegaConf.select(cfg, "model.init_from", default=None),
+    )
     if bundle.kind == "lm":
         from bigmodel.nets.gpt import check_sampling
 

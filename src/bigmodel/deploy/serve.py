@@ -23,7 +23,7 @@ from typing import Any
 
 import litserve as ls
 import numpy as np
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from starlette.responses import JSONResponse
 
 from bigmodel.deploy.bundle import load_bundle
@@ -95,7 +95,7 @@ class ModelAPI(ls.LitAPI):
         from bigmodel.deploy.runtime import Runner
 
         s = self.settings
-        bundle = load_bundle(s["ckpt_path"], s["model_dir"], s["log_dir"])
+        bundle = load_bundle(s["ckpt_path"], s["model_dir"], s["log_dir"], s.get("init_from"))
         self.runner = Runner(bundle, s["engine"], s["int8"], device=device)
         self.kind, self.prep = bundle.kind, bundle.prep
         self.classes = bundle.classes
@@ -229,7 +229,8 @@ def serve(cfg: DictConfig) -> None:
         raise UserError(f"port={cfg.port} must be from 1024 to 65535")
     if cfg.max_batch_size < 1 or cfg.batch_timeout < 0:
         raise UserError("max_batch_size must be >= 1 and batch_timeout >= 0 (seconds)")
-    bundle = load_bundle(cfg.get("ckpt_path"), cfg.get("model_dir"), cfg.paths.log_dir)
+    init_from = OmegaConf.select(cfg, "model.init_from", default=None)
+    bundle = load_bundle(cfg.get("ckpt_path"), cfg.get("model_dir"), cfg.paths.log_dir, init_from)
     from bigmodel.deploy.runtime import Runner
 
     Runner(bundle, cfg.engine, bool(cfg.int8))  # engine and files checked here, once
@@ -244,6 +245,7 @@ def serve(cfg: DictConfig) -> None:
         "ckpt_path": cfg.get("ckpt_path"),
         "model_dir": cfg.get("model_dir"),
         "log_dir": cfg.paths.log_dir,
+        "init_from": init_from,
         "engine": cfg.engine,
         "int8": bool(cfg.int8),
         "beam_size": cfg.beam_size or bundle.model.get("test_beam_size", 1),

@@ -183,7 +183,8 @@ def load_base(model: DictConfig | dict, net: nn.Module, restoring: bool = False)
     if restoring and not os.path.exists(init):
         raise UserError(
             f"this checkpoint holds LoRA adapters only; their base model.init_from={init} is "
-            "gone: put the pretrained model back there"
+            "gone: put the pretrained model back there, or give its new place with "
+            "model.init_from=DIR"
         )
     if os.path.isdir(init):
         from bigmodel.pretrained.hf_gpt2 import load_weights
