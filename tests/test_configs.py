@@ -48,6 +48,11 @@ PAIRED = {
     ("model", "audio_cnn"): ["data=spoken_digits"],
     ("model", "mlp"): ["data=regression"],
     ("model", "seq2seq"): ["data=translation"],
+    # the GPU presets, one block deep: their shapes checked without gigabytes of weights
+    ("model", "smollm2_135m"): ["model.net.n_layer=1"],
+    ("model", "qwen3_0_6b"): ["model.net.n_layer=1"],
+    ("model", "llama3_2_1b"): ["model.net.n_layer=1"],
+    ("model", "mistral_7b"): ["model.net.n_layer=1", "model.net.intermediate_size=512"],
     ("loss", "cross_entropy"): ["model=cnn", "data=digits"],
     ("loss", "hinge"): ["model=cnn", "data=digits"],
     ("loss", "mse"): ["model=mlp", "data=regression"],

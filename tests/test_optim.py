@@ -61,6 +61,21 @@ def small_nets() -> dict[str, nn.Module]:
     return {
         "gpt": GPT(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8),
         "gpt_no_bias": GPT(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8, bias=False),
+        "gpt_qwen3_untied": GPT(
+            vocab_size=20,
+            block_size=8,
+            n_layer=1,
+            n_head=2,
+            n_kv_head=1,
+            head_dim=6,
+            n_embd=8,
+            bias=False,
+            norm="rmsnorm",
+            positions="rotary",
+            mlp="swiglu",
+            qk_norm=True,
+            tie_embeddings=False,
+        ),
         "vit_cls": ViT(**vit, pool="cls"),
         "vit_mean": ViT(**vit, pool="mean"),
         "cnn": CNN(num_classes=3, in_channels=1, widths=(4, 8)),
@@ -124,6 +139,7 @@ def test_every_net_decays_exactly_its_weight_matrices(name):
     no_decay = {n for n, p in net.named_parameters() if id(p) not in weight_matrices(net)}
     promised = {
         "gpt": {"wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias", "blocks.0.attn.qkv.bias"},
+        "gpt_qwen3_untied": {"wte.weight", "blocks.0.attn.q_norm.weight", "ln_f.weight"},
         "vit_cls": {"pos_embed", "cls_token", "patch_embed.bias", "blocks.0.ln_1.weight"},
         "vit_mean": {"pos_embed", "ln_f.weight", "head.bias"},
         "cnn": {"body.stem.1.weight", "body.stem.1.bias", "head.fc.bias"},
@@ -273,8 +289,10 @@ def test_resume_with_a_shorter_total(caplog):
     caplog.clear()
     # a total inside the saved warmup: warm up until it, then the floor
     lrs = resumed_lrs(100, 8, at=5, stop=12)
-    # the new scheduler's own warmup is cut, with a warning
-    assert any("warming up for 0 steps" in r.getMessage() for r in caplog.records)
+    # the new scheduler's own warmup is dropped (under 10 steps), said without a warning
+    (cut,) = [r for r in caplog.records if "warmup_steps=10 >= total_steps=8" in r.getMessage()]
+    assert cut.getMessage().endswith(": no warmup in a run this short")
+    assert cut.levelno == logging.INFO
     assert lrs[:3] == cosine_lrs(100, 5, 8) and lrs[3:] == [pytest.approx(0.1)] * 4
     caplog.clear()
     assert resumed_lrs(100, 80, at=60, stop=90, on_resume="saved") == cosine_lrs(100, 60, 90)

@@ -10,7 +10,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from bigmodel.errors import UserError
 from bigmodel.media import log_text
-from bigmodel.nets.gpt import check_sampling
+from bigmodel.sampling import check_sampling
 
 log = logging.getLogger("bigmodel")
 

@@ -248,7 +248,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         OmegaConf.select(cfg, "model.init_from", default=None),
     )
     if bundle.kind == "lm":
-        from bigmodel.nets.gpt import check_sampling
+        from bigmodel.sampling import check_sampling
 
         check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
     runner = Runner(bundle, cfg.engine, bool(cfg.int8))

@@ -3,20 +3,21 @@
 `Runner(bundle, engine)` gives what each kind of model does with a batch: class probabilities,
 regression outputs, generated text, translations. `engine=auto` uses ONNX Runtime when the
 bundle is an exported folder with ONNX graphs, PyTorch otherwise; `int8=true` picks the int8
-graphs. Text generation samples from next-token logits the same way on both engines.
+graphs. Text generation samples from next-token logits the same way on both engines
+(bigmodel.sampling).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from bigmodel.deploy.bundle import Bundle
 from bigmodel.deploy.graphs import torch_graph
 from bigmodel.deploy.inputs import BadInput
 from bigmodel.deploy.onnx import run_session, session
 from bigmodel.errors import UserError
+from bigmodel.sampling import generate
 
 ENGINES = ("auto", "torch", "onnx")
 
@@ -120,25 +121,26 @@ class Runner:
         ids = self.encode_prompt(prompt)
         skip = 0 if prompt else 1
         g = torch.Generator().manual_seed(seed) if seed is not None else None
-        idx = torch.tensor([ids], dtype=torch.long)  # (1, T)
         tok = self.bundle.tokenizer
-        shown = tok.decode(idx[0, skip:].tolist())
-        for _ in range(max_new_tokens):
-            logits = self.logits(idx[:, -self.prep["block_size"] :])  # (1, V)
-            if temperature == 0:
-                nxt = logits.argmax(-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                nxt = torch.multinomial(F.softmax(logits, -1), 1, generator=g)
-            idx = torch.cat([idx, nxt], dim=1)
-            if stream is not None:
-                text = tok.decode(idx[0, skip:].tolist())
-                if len(text) > len(shown) and text.startswith(shown):
-                    stream(text[len(shown) :])
-                    shown = text
+        shown = tok.decode(ids[skip:])
+
+        def show(idx: torch.Tensor) -> None:
+            nonlocal shown
+            text = tok.decode(idx[0, skip:].tolist())
+            if len(text) > len(shown) and text.startswith(shown):
+                stream(text[len(shown) :])
+                shown = text
+
+        idx = generate(
+            self.all_logits,
+            torch.tensor([ids], dtype=torch.long),  # (1, T)
+            max_new_tokens,
+            self.prep["block_size"],
+            temperature,
+            top_k,
+            g,
+            on_token=show if stream is not None else None,
+        )
         return tok.decode(idx[0, skip:].tolist())
 
     # -------------------------------------------------------------------------- translation

@@ -1,7 +1,17 @@
-"""A decoder-only transformer language model (GPT-2 style).
+"""The decoder-only transformer language model: one configurable net of which GPT-2, Llama,
+Qwen2/3 and Mistral are presets (configs/model/*.yaml).
+
+One typed config, litgpt's approach, rather than a module per family (torchtitan's): the families
+differ in a handful of switches (norm, positions, MLP, key/value heads, QK-norm, biases, tied
+head), so one set of layers with those switches keeps every family's code path the same, the
+weights' names the same (LoRA targets, FSDP units and checkpoints work across families), and a new
+family a config plus its Hugging Face adapter (bigmodel.pretrained). The net is still called
+`GPT`, as litgpt calls its own: checkpoints name it, and its defaults are GPT-2's.
 
 Pre-norm blocks, causal self-attention through `scaled_dot_product_attention` (flash / memory
-efficient kernels where the device has them), tied input and output embeddings, GPT-2 init.
+efficient kernels where the device has them), GPT-2 init. Queries, keys and values come from one
+fused projection (`attn.qkv`) and a gated MLP's gate and up projections from one (`mlp.fc`): one
+matmul each, and the names GPT-2 checkpoints already use.
 """
 
 from __future__ import annotations
@@ -16,26 +26,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bigmodel.errors import UserError
-from bigmodel.nets import layers
-from bigmodel.nets.layers import build_config
+from bigmodel.nets.layers import build_config, sdpa
+from bigmodel.sampling import generate
 
-
-def check_sampling(
-    temperature: float, top_k: int | None, max_new_tokens: int, prefix: str = ""
-) -> None:
-    """Refuse sampling settings that would silently mean something else; `prefix` is where the
-    keys live in the config (e.g. `callbacks.text_sample.`)."""
-    if not temperature >= 0:  # also NaN
-        raise UserError(
-            f"{prefix}temperature={temperature} must be >= 0; 0 decodes greedily (the most "
-            "likely token each step), higher values sample more randomly"
-        )
-    if top_k is not None and top_k < 1:
-        raise UserError(
-            f"{prefix}top_k={top_k} must be >= 1; {prefix}top_k=null samples from all tokens"
-        )
-    if max_new_tokens < 0:
-        raise UserError(f"{prefix}max_new_tokens={max_new_tokens} must be >= 0")
+NORMS = ("layernorm", "rmsnorm")
+POSITIONS = ("learned", "rotary")
+MLPS = ("gelu", "gelu_tanh", "swiglu", "relu2")
+# rope_scaling types computed here ("default" is none); others are refused
+ROPE_TYPES = ("default", "linear", "llama3")
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
 @dataclass
@@ -43,46 +42,222 @@ class GPTConfig:
     vocab_size: int = 50304
     """Number of token ids; filled from the tokenizer by the data module when left as `???`."""
     block_size: int = 1024
-    """Longest context the position embedding covers."""
+    """Longest context: the rows of a learned position table, the longest window trained on."""
     n_layer: int = 12
     """Transformer blocks."""
     n_head: int = 12
-    """Attention heads per block; each is n_embd / n_head wide."""
+    """Query heads per block, each head_dim wide."""
     n_embd: int = 768
     """Width of the residual stream (the embeddings)."""
     dropout: float = 0.0
     """Dropout on embeddings, attention weights and residual branches (0 for pre-training)."""
     bias: bool = True
-    """Bias in Linear and LayerNorm layers; False is a little faster and as good."""
+    """Bias in Linear layers and LayerNorms (GPT-2); qkv_bias, proj_bias, mlp_bias override it."""
     activation_checkpointing: bool = False
     """Recompute each block in the backward pass: trades ~30 % compute for activation memory."""
     layer_norm_epsilon: float = 1e-5
-    """The epsilon of every LayerNorm (GPT-2's `layer_norm_epsilon`; torch's default)."""
+    """The epsilon of every norm (GPT-2's `layer_norm_epsilon`, Llama's `rms_norm_eps`)."""
+    norm: str = "layernorm"
+    """layernorm (GPT-2) or rmsnorm (Llama, Qwen, Mistral)."""
+    positions: str = "learned"
+    """learned (a table of block_size rows, GPT-2) or rotary (RoPE on queries and keys)."""
+    rope_theta: float = 10000.0
+    """Base of the rotary frequencies (Llama 3: 500000; Qwen3: 1000000)."""
+    rope_scaling: dict | None = None
+    """Rotary frequency scaling, as Hugging Face's `rope_scaling`: {rope_type: linear, factor},
+    {rope_type: llama3, factor, low_freq_factor, high_freq_factor,
+    original_max_position_embeddings}; null for none."""
+    mlp: str = "gelu_tanh"
+    """gelu (exact), gelu_tanh (GPT-2), swiglu (gated SiLU: Llama, Qwen, Mistral) or relu2."""
+    intermediate_size: int | None = None
+    """Hidden width of the MLP; null: 4 x n_embd."""
+    n_kv_head: int | None = None
+    """Key/value heads; each serves n_head / n_kv_head query heads (1: MQA; null: n_head, MHA)."""
+    head_dim: int | None = None
+    """Width of each head; null: n_embd / n_head (Qwen3 sets it apart)."""
+    qk_norm: bool = False
+    """RMSNorm over each head of the queries and keys before the rotation (Qwen3)."""
+    qkv_bias: bool | None = None
+    """Bias in the query/key/value projection; null: `bias` (Qwen2: true with bias false)."""
+    proj_bias: bool | None = None
+    """Bias in the attention output projection; null: `bias`."""
+    mlp_bias: bool | None = None
+    """Bias in the MLP's projections; null: `bias`."""
+    tie_embeddings: bool = True
+    """The output head reuses the token embedding (GPT-2, small Llamas) or has its own weights."""
+    family: str = "gpt2"
+    """The Hugging Face model_type `export.py format=hf` writes this net as (gpt2, llama, qwen2,
+    qwen3, mistral); it changes nothing in the computation."""
 
     def __post_init__(self) -> None:
-        if self.n_embd % self.n_head != 0:
-            raise ValueError(
-                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
-                "change model.net.n_embd or model.net.n_head"
-            )
-        for name in (
-            "vocab_size",
-            "block_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "layer_norm_epsilon",
-        ):
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"model.net.{name} must be positive, got {getattr(self, name)}")
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError("model.net.layer_norm_epsilon must be positive")
+        for name, allowed in (("norm", NORMS), ("positions", POSITIONS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise UserError(
+                    f"model.net.{name}={getattr(self, name)} is not one of {', '.join(allowed)}"
+                )
+        if self.head_dim is None and self.n_embd % self.n_head != 0:
+            raise ValueError(
+                f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head}); "
+                "change model.net.n_embd or model.net.n_head (or set model.net.head_dim)"
+            )
+        kv = self.kv_heads
+        if kv <= 0 or self.n_head % kv != 0:
+            raise UserError(
+                f"model.net.n_kv_head={self.n_kv_head} must divide model.net.n_head="
+                f"{self.n_head} (each key/value head serves a whole group of query heads)"
+            )
+        if self.positions == "rotary" and self.dim_per_head % 2:
+            raise UserError(f"model.net.head_dim={self.dim_per_head} must be even for rotary")
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)  # a DictConfig from the config files
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
+            if kind not in ROPE_TYPES:
+                raise UserError(
+                    f"model.net.rope_scaling: rope_type {kind} is not computed here; the "
+                    f"supported types are {', '.join(ROPE_TYPES)}"
+                )
+            need = {"linear": ("factor",), "llama3": LLAMA3_KEYS}.get(kind, ())
+            lacking = [k for k in need if k not in self.rope_scaling]
+            if lacking:
+                raise UserError(f"model.net.rope_scaling ({kind}) lacks {', '.join(lacking)}")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head if self.n_kv_head is not None else self.n_head
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.n_embd // self.n_head
+
+    @property
+    def hidden(self) -> int:
+        return self.intermediate_size if self.intermediate_size is not None else 4 * self.n_embd
+
+    def has_bias(self, which: str) -> bool:
+        """Bias of one kind of Linear layer: qkv, proj or mlp."""
+        own = getattr(self, f"{which}_bias")
+        return self.bias if own is None else own
 
 
-class Block(layers.Block):
-    """GPT's block: causal self-attention with one fused qkv projection, a 4x MLP with GPT-2's
-    tanh-approximated GELU."""
+def make_norm(cfg: GPTConfig, width: int) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(width, eps=cfg.layer_norm_epsilon)
+    return nn.LayerNorm(width, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
+
+
+def inv_frequencies(cfg: GPTConfig, device: torch.device | None = None) -> torch.Tensor:
+    """The rotary angle per position of each pair of head dimensions (head_dim / 2,), fp32,
+    scaled as `rope_scaling` says."""
+    dim = cfg.dim_per_head
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
+    inv = 1.0 / (cfg.rope_theta**exponents)
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "linear":  # positions interpolated: every angle slowed by `factor`
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths (beyond the original context / low_freq_factor) are slowed
+        # by `factor`, short ones (below original / high_freq_factor) kept, those between blended
+        factor, low, high = (
+            scaling["factor"],
+            scaling["low_freq_factor"],
+            scaling["high_freq_factor"],
+        )
+        old = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        slowed = torch.where(wavelen > old / low, inv / factor, inv)
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * slowed / factor + smooth * slowed
+        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+        return torch.where(medium, blended, slowed)
+    return inv
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x (B, nh, T, hs), with the two halves of each head as the pairs (the layout of
+    Hugging Face's Llama weights); cos, sin (T, hs)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # fp32 angles, rounded as Hugging Face does
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class CausalSelfAttention(nn.Module):
+    """(B, T, C) -> (B, T, C): n_head query heads over n_kv_head key/value heads, causal."""
 
     def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__(cfg.n_embd, cfg.n_head, 4, cfg.dropout, cfg.bias, causal=True, gelu="tanh")
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.dim_per_head
+        q, kv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.qkv = nn.Linear(cfg.n_embd, q + 2 * kv, bias=cfg.has_bias("qkv"))
+        self.split = (q, kv, kv)
+        if cfg.qk_norm:  # per head, over head_dim (Qwen3)
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.layer_norm_epsilon)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.layer_norm_epsilon)
+        self.qk_norm = cfg.qk_norm
+        self.proj = nn.Linear(q, cfg.n_embd, bias=cfg.has_bias("proj"))
+        self.dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
+        k = k.view(B, T, self.n_kv_head, self.head_dim)  # (B, T, nkv, hs)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # heads become a batch dimension for SDPA
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        dropout = self.dropout if self.training else 0.0
+        y = sdpa(q, k, v, is_causal=True, dropout_p=dropout)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """(B, T, C) -> (B, T, C). A gated MLP (swiglu) computes its gate and its up projection with
+    one Linear, `fc`, of twice the hidden width: the gate is the first half."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        gated = cfg.mlp == "swiglu"
+        self.fc = nn.Linear(cfg.n_embd, (2 if gated else 1) * cfg.hidden, bias=cfg.has_bias("mlp"))
+        self.proj = nn.Linear(cfg.hidden, cfg.n_embd, bias=cfg.has_bias("mlp"))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.kind = cfg.mlp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)  # (B, T, H) or (B, T, 2H)
+        if self.kind == "swiglu":
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh" if self.kind == "gelu_tanh" else "none")
+        return self.dropout(self.proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm block, (B, T, C) -> (B, T, C): x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    def __init__(self, cfg: GPTConfig) -> None:
+        super().__init__()
+        # the names are those of the checkpoints; the order is the init's (and so a seed's)
+        self.ln_1 = make_norm(cfg, cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = make_norm(cfg, cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+        x = x + self.attn(self.ln_1(x), rope)
+        return x + self.mlp(self.ln_2(x))
 
 
 class GPT(nn.Module):
@@ -95,17 +270,16 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg = build_config(GPTConfig, args, kwargs)
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
+        if cfg.positions == "learned":
+            self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        self.ln_f = make_norm(cfg, cfg.n_embd)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        # Weight tying: the output projection reuses the token embedding (fewer parameters, and
-        # rare tokens still get a sensible output vector).
-        self.lm_head.weight = self.wte.weight
-        for m in self.modules():  # one epsilon for every norm, as GPT-2's config gives it
-            if isinstance(m, nn.LayerNorm):
-                m.eps = cfg.layer_norm_epsilon
+        if cfg.tie_embeddings:
+            # the output projection reuses the token embedding (fewer parameters, and rare
+            # tokens still get a sensible output vector)
+            self.lm_head.weight = self.wte.weight
         self.apply(self._init_weights)
         # GPT-2: scale the init of each residual output projection by 1/sqrt(2 * n_layer) so the
         # residual stream's variance does not grow with depth.
@@ -126,27 +300,48 @@ class GPT(nn.Module):
     def block_size(self) -> int:
         return self.config.block_size
 
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
     def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count; the position embedding is left out by default, as GPT-2 reports."""
+        """Parameter count; a position table is left out by default, as GPT-2 reports."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.wpe.weight.numel() if non_embedding else n
+        return n - self.wpe.weight.numel() if non_embedding and hasattr(self, "wpe") else n
 
     def flops_per_token(self, seq_len: int | None = None) -> int:
         """Training FLOPs per token (forward + backward), as in the PaLM paper's appendix B."""
         cfg, T = self.config, seq_len or self.config.block_size
-        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_embd * T
+        return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.dim_per_head * T
+
+    def rope(self, T: int, device: torch.device, dtype: torch.dtype):
+        """cos, sin (T, head_dim) of the rotary positions 0..T-1; None for learned positions.
+
+        Computed in fp32 from the config at each call (a few hundred numbers): no buffer that a
+        cast to bf16 would round, nothing in the state dict.
+        """
+        if self.config.positions != "rotary":
+            return None
+        freqs = torch.outer(
+            torch.arange(T, device=device).float(), inv_frequencies(self.config, device)
+        )  # (T, hs / 2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (T, hs): one angle per pair of halves
+        return angles.cos().to(dtype), angles.sin().to(dtype)  # (T, hs) each
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         B, T = idx.shape
         if self.config.block_size < T:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))  # (B, T, C)
+        x = self.wte(idx)  # (B, T, C)
+        if hasattr(self, "wpe"):
+            x = x + self.wpe(torch.arange(T, device=idx.device))
+        x = self.drop(x)
+        rope = self.rope(T, idx.device, x.dtype)
         for block in self.blocks:
             if self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, rope)
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
 
     @torch.no_grad()
@@ -158,23 +353,8 @@ class GPT(nn.Module):
         top_k: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """Extend each row of idx (B, T) by max_new_tokens sampled tokens -> (B, T + n).
-
-        temperature=0 is greedy decoding (the most likely token each step, top_k unused);
-        top_k=None samples from all tokens.
-        """
-        check_sampling(temperature, top_k, max_new_tokens)
-        for _ in range(max_new_tokens):
-            ctx = idx[:, -self.config.block_size :]  # crop to the context the model can see
-            logits = self(ctx)[:, -1, :]  # (B, vocab)
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits.float(), dim=-1)
-                nxt = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        """Extend each row of idx (B, T) by max_new_tokens sampled tokens -> (B, T + n)
+        (bigmodel.sampling.generate; temperature=0 is greedy)."""
+        return generate(
+            self, idx, max_new_tokens, self.config.block_size, temperature, top_k, generator
+        )

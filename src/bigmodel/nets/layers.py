@@ -1,7 +1,8 @@
-"""What the nets share: the transformer layers of the GPT, the ViT and the seq2seq transformer
-(multi-head attention, MLP, pre-norm block), and two helpers of every net's constructor.
+"""What the nets share: the transformer layers of the ViT and the seq2seq transformer
+(multi-head attention, MLP, pre-norm block), the attention kernel call every transformer makes
+(`sdpa`, the GPT's too), and two helpers of every net's constructor.
 
-Each net binds its config to these layers' arguments (`bigmodel.nets.gpt.Block`, ...). The names
+Each net binds its config to these layers' arguments (`bigmodel.nets.vit.Block`, ...). The names
 of the parameters are those of the checkpoints, and they are created in the order each net's
 init (and so a seed) expects.
 """
@@ -126,23 +127,40 @@ class Attention(nn.Module):
 
     def _mix(self, q, k, v, mask, is_causal) -> torch.Tensor:
         B, _, T, hs = q.shape
-        dtype = q.dtype
-        if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-            # torch's CPU flash-attention backward is ~9x slower in bf16 than in fp32 at GPT
-            # sizes (torch 2.13, B=12 T=64 C=128), while bf16 matmuls are 2-4x faster: on a
-            # CPU the rest of the step runs in half precision and attention in fp32
-            q, k, v = q.float(), k.float(), v.float()
-        with torch.autocast("cpu", enabled=False) if dtype != q.dtype else _no_context:
-            y = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=mask,
-                is_causal=is_causal,
-                dropout_p=self.dropout if self.training else 0.0,
-            ).to(dtype)  # (B, nh, T, hs)
+        y = sdpa(q, k, v, mask, is_causal, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * hs)  # (B, T, C)
         return self.resid_dropout(self.proj(y))
+
+
+def sdpa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """`scaled_dot_product_attention` of q (B, nh, T, hs) over k, v (B, nkv, S, hs) -> (B, nh, T,
+    hs) in q's dtype. nkv may divide nh (grouped-query attention: each key/value head serves
+    nh / nkv query heads)."""
+    dtype = q.dtype
+    if q.device.type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        # torch's CPU flash-attention backward is ~9x slower in bf16 than in fp32 at GPT
+        # sizes (torch 2.13, B=12 T=64 C=128), while bf16 matmuls are 2-4x faster: on a
+        # CPU the rest of the step runs in half precision and attention in fp32
+        q, k, v = q.float(), k.float(), v.float()
+    gqa = {}
+    if k.shape[1] != q.shape[1]:
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            # graph exporters may lack SDPA's enable_gqa: repeat each key/value head instead
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        else:
+            gqa = {"enable_gqa": True}
+    with torch.autocast("cpu", enabled=False) if dtype != q.dtype else _no_context:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p, **gqa
+        ).to(dtype)
 
 
 class MLP(nn.Module):

@@ -11,7 +11,7 @@ from torchmetrics.text import Perplexity
 
 from bigmodel.data.tokenizers import CharTokenizer
 from bigmodel.errors import UserError
-from bigmodel.nets.gpt import check_sampling
+from bigmodel.sampling import check_sampling, generate
 from bigmodel.tasks.base import Task
 from bigmodel.tasks.protocols import CountsTokenFlops, LanguageNet
 
@@ -112,8 +112,8 @@ class LanguageModel(Task):
         was_training = self.training
         self.eval()
         try:
-            out = self.net.generate(
-                idx, max_new_tokens, temperature=temperature, top_k=top_k, generator=g
+            out = generate(
+                self.net, idx, max_new_tokens, self.net.block_size, temperature, top_k, g
             )  # (N, T + max_new_tokens)
         finally:
             self.train(was_training)

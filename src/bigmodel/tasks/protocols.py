@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.nn as nn
 
 
 class ClassifierNet(Protocol):
@@ -36,25 +37,20 @@ class RegressionNet(Protocol):
 
 
 class LanguageNet(Protocol):
-    """What `LanguageModel` needs: next-token logits and sampling."""
+    """What `LanguageModel` needs of a decoder-only net: next-token logits over a known
+    vocabulary and context. Any family meets it (bigmodel.nets.GPT and its presets: GPT-2, Llama,
+    Qwen, Mistral); the task imports no net module, and samples with bigmodel.sampling."""
+
+    vocab_size: int
+    """Number of token ids: the logits' last dimension."""
+    block_size: int
+    """Longest context the net reads; sampling crops the ids to the last block_size."""
+    blocks: nn.ModuleList
+    """The transformer blocks: each is one FSDP2 unit (and one activation-checkpointing unit,
+    one LoRA scope)."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids -> logits (B, T, vocab_size) of each next token."""
-        ...
-
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend each row of idx (B, T) by max_new_tokens sampled ids -> (B, T + max_new_tokens).
-
-        temperature=0 decodes greedily; top_k=None samples from all tokens; `generator` seeds
-        the sampling.
-        """
+        """idx (B, T) token ids, T <= block_size -> logits (B, T, vocab_size) of each next token."""
         ...
 
 
