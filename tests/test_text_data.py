@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +18,7 @@ from bigmodel.data.text import TextDataModule
 from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from bigmodel.errors import UserError
 from bigmodel.nets import GPT
+from tests.conftest import TINY_LM, run_cli, run_dirs
 
 PROSE = (
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was the "
@@ -123,17 +127,105 @@ def test_token_cache_is_written_once_and_memory_mapped(tmp_path):
     f.write_text(PROSE)
     d = dm(path=str(f), cache_dir=str(tmp_path / "cache"))
     d.setup("fit")
-    files = sorted((tmp_path / "cache" / "tokens").glob("*.bin"))
-    assert len(files) == 3
+    (entry,) = (tmp_path / "cache" / "text").iterdir()
+    files = sorted(entry.iterdir())
+    assert [p.name for p in files] == ["meta.json", "test.npy", "train.npy", "val.npy"]
     mtimes = [p.stat().st_mtime_ns for p in files]
     d2 = dm(path=str(f), cache_dir=str(tmp_path / "cache"))
     d2.setup("fit")
     assert isinstance(d2.tokens["train"], np.memmap)
     assert [p.stat().st_mtime_ns for p in files] == mtimes  # read back, not rewritten
     np.testing.assert_array_equal(d.tokens["val"], d2.tokens["val"])
+    assert d2.tokenizer.to_dict() == d.tokenizer.to_dict()  # the tokenizer comes from the entry
     # another tokenizer is another cache entry
     dm(path=str(f), cache_dir=str(tmp_path / "cache"), tokenizer="bpe", vocab_size=280).setup("fit")
-    assert len(list((tmp_path / "cache" / "tokens").glob("*.bin"))) == 6
+    assert len(list((tmp_path / "cache" / "text").iterdir())) == 2
+
+
+# ------------------------------------------------------------------ what a text run reads, once
+# A tiny run that reads its data and stops: the data step is what these tests look at.
+READ_ONLY = [*TINY_LM, "trainer.max_steps=1", "test=false"]
+STATS = re.compile(
+    r"text \(data\.path=(?P<path>.+)\): (?P<files>\d+) files?, (?P<chars>\d+) characters, "
+    r"(?P<kind>char|BPE) vocabulary of (?P<vocab>\d+); tokens "
+    r"\(train (?P<train>\d+), val (?P<val>\d+), test (?P<test>\d+)\)"
+)
+HIT = "text: {n} tokenized earlier, memory-mapped from "
+READ = re.compile(r"text: read (\d+) characters and tokenized them in")
+
+
+def text_run(tmp_path: Path, *args: str) -> str:
+    out = run_cli("train.py", *READ_ONLY, *args, cwd=tmp_path)
+    return out.stdout + out.stderr
+
+
+def stats(out: str) -> dict[str, str]:
+    (m,) = STATS.finditer(out)  # said once
+    return m.groupdict()
+
+
+def test_a_text_run_says_what_it_read(tmp_path):
+    text = (PROSE + "Zebras \u00e9t\u00e9.\n") * 3
+    (tmp_path / "corpus.txt").write_text(text)
+    got = stats(text_run(tmp_path, "data.path=corpus.txt"))
+    n = len(text)
+    train, val = text[: int(n * 0.9)], text[int(n * 0.9) : int(n * 0.95)]
+    assert got == {
+        "path": str(tmp_path / "corpus.txt"),  # the config holds paths absolute
+        "files": "1",
+        "chars": str(n),
+        "kind": "char",
+        "vocab": str(len(set(train)) + 1),  # the training split's characters and the unknown
+        "train": str(len(train)),  # char level: a token a character
+        "val": str(len(val)),
+        "test": str(n - len(train) - len(val)),
+    }
+
+
+def test_bpe_is_trained_and_tokenized_once_and_a_changed_file_invalidates(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(PROSE * 2)
+    bpe = ["data.path=corpus.txt", "data.tokenizer=bpe", "data.vocab_size=300"]
+    first = text_run(tmp_path, *bpe)
+    assert READ.search(first) and HIT.format(n="1 file") not in first
+    (entry,) = (tmp_path / ".cache" / "text").iterdir()
+    written = {p.name: p.stat().st_mtime_ns for p in entry.iterdir()}
+    assert (
+        "meta.json" in written
+        and "tokenizer" in json.loads((entry / "meta.json").read_text())["meta"]
+    )
+
+    second = text_run(tmp_path, *bpe)
+    # neither read nor trained: the tokenizer and the ids come from the entry, left as they were
+    assert not READ.search(second) and HIT.format(n="1 file") + str(entry) in second
+    assert {p.name: p.stat().st_mtime_ns for p in entry.iterdir()} == written
+    assert stats(second) == stats(first)
+    run1, run2 = run_dirs(tmp_path)
+    assert (run1 / "tokenizer.json").read_text() == (run2 / "tokenizer.json").read_text()
+
+    # the same size, another modification time: read and tokenized again, into a new entry
+    st = corpus.stat()
+    os.utime(corpus, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    third = text_run(tmp_path, *bpe)
+    assert READ.search(third) and HIT.format(n="1 file") not in third
+    assert len(list((tmp_path / ".cache" / "text").iterdir())) == 2
+
+
+def test_a_file_added_to_a_folder_is_read(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"part{i}.txt").write_text(PROSE)
+    first = text_run(tmp_path, "data.path=books")
+    assert stats(first)["files"] == "3" and READ.search(first)
+    assert HIT.format(n="3 files") in text_run(tmp_path, "data.path=books")
+    (folder / "part3.txt").write_text(PROSE + "Quixotic zephyrs.\n")
+    again = text_run(tmp_path, "data.path=books")
+    got = stats(again)
+    assert READ.search(again) and got["files"] == "4"
+    assert int(got["chars"]) == 4 * len(PROSE) + len("Quixotic zephyrs.\n") + 3 * len("\n\n")
+    (folder / "part3.txt").unlink()  # and one removed: the three-file entry again
+    assert HIT.format(n="3 files") in text_run(tmp_path, "data.path=books")
 
 
 def test_windows_train_random_eval_deterministic(tmp_path):

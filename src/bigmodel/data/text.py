@@ -5,19 +5,20 @@ The text comes from `sources/text_files.py`: the embedded corpus, a file, a fold
 
 from __future__ import annotations
 
-import hashlib
-import json
+import importlib.util
 import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from bigmodel.data.base import DataModule
+from bigmodel.data.base import SPLITS, DataModule
+from bigmodel.data.sources.decoded import cached_arrays, lookup
 from bigmodel.data.sources.text_files import embedded_corpus, read_files, resolve_files
-from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer
+from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
 from bigmodel.errors import UserError
 
 log = logging.getLogger("bigmodel")
@@ -136,12 +137,19 @@ class TextDataModule(DataModule):
         self.tokens: dict[str, np.ndarray] = {}
 
     # ----------------------------------------------------------------------------------- text
-    def load_text(self) -> str:
-        text = (
-            embedded_corpus()
-            if self.path is None
-            else read_files(resolve_files(self.path), self.text_column)
-        )
+    def source_files(self) -> list[Path]:
+        """The files the text is read from; the embedded corpus: the module that holds it."""
+        if self.path is not None:
+            return resolve_files(self.path)
+        spec = importlib.util.find_spec("pydoc_data.topics")
+        return [Path(spec.origin)]
+
+    def load_text(self, files: list[Path] | None = None) -> str:
+        """The whole text, one string; files: those `source_files()` named, if known."""
+        if self.path is None:
+            text = embedded_corpus()
+        else:
+            text = read_files(files or resolve_files(self.path), self.text_column)
         if not text.strip():
             raise UserError(f"data.path={self.path} holds no text; give it a non-empty corpus")
         return text
@@ -157,24 +165,44 @@ class TextDataModule(DataModule):
 
     # ------------------------------------------------------------------------------ lifecycle
     def build(self) -> None:
-        text = self.load_text()
-        parts = self.split_text(text)
-        if self.tokenizer is None:
-            if self.tokenizer_kind == "char":
-                self.tokenizer = CharTokenizer.train(parts["train"])
-            elif self.tokenizer_kind != "bpe":  # a pretrained model's own tokenizer
-                self.tokenizer = BPETokenizer.from_folder(self.tokenizer_kind)
-            else:
-                self.tokenizer = BPETokenizer.train(
-                    parts["train"].splitlines(), vocab_size=self.bpe_vocab_size
-                )
-        tok_json = json.dumps(self.tokenizer.to_dict(), sort_keys=True)
-        key = hashlib.sha1(
-            text.encode() + tok_json.encode() + repr(self.splits).encode()
-        ).hexdigest()[:16]
-        for name, part in parts.items():
-            self._report_unknown(name, part)
-            self.tokens[name] = self._cached_ids(key, name, part)
+        """Token ids of every split, tokenized once: later runs memory-map them from the cache.
+
+        The cache entry is keyed by the source files (names, sizes, modification times), the
+        text column, the splits and the tokenizer's settings (kind and vocabulary size, or the
+        given tokenizer itself); it holds the trained tokenizer too, so a run that finds it reads
+        no text and trains nothing. A changed, added or removed file is tokenized again.
+        """
+        files = self.source_files()
+        source = {"text_column": self.text_column, "splits": list(self.splits)}
+        if self.tokenizer is None and self.tokenizer_kind not in ("char", "bpe"):
+            self.tokenizer = BPETokenizer.from_folder(self.tokenizer_kind)  # pretrained: given
+        given = self.tokenizer  # a pretrained one, or a checkpoint's (restored before setup)
+        settings = {"tokenizer": self.tokenizer_kind, "vocab_size": self.bpe_vocab_size}
+        if self.tokenizer_kind == "char":
+            settings.pop("vocab_size")
+        params = {**source, **settings}
+        if given is not None:
+            # the tokenizer this config trains, when it is the one given: evaluating a run's
+            # checkpoint reads the entry its training wrote
+            hit = lookup(self.cache_dir, "text", files, params)
+            if hit is None or hit[1]["tokenizer"] != given.to_dict():
+                params = {**source, "tokenizer": given.to_dict()}
+        arrays, meta = cached_arrays(
+            self.cache_dir, "text", files, params, lambda: self._tokenize(files), done="tokenized"
+        )
+        if given is None:
+            self.tokenizer = tokenizer_from_dict(meta["tokenizer"])
+        self.tokens = {name: arrays[name] for name in SPLITS}
+        for name in SPLITS:
+            self._report_unknown(name, meta["unknown"].get(name))
+        source_name = "embedded corpus" if self.path is None else f"data.path={self.path}"
+        n_files = f"{meta['files']} file" + ("" if meta["files"] == 1 else "s")
+        kind = "char" if isinstance(self.tokenizer, CharTokenizer) else "BPE"
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in self.tokens.items())
+        log.info(
+            f"text ({source_name}): {n_files}, {sum(meta['chars'].values())} characters, "
+            f"{kind} vocabulary of {self.tokenizer.vocab_size}; tokens ({sizes})"
+        )
         need = self.block_size + 1
         for name in ("train", "val"):
             if len(self.tokens[name]) < need:
@@ -184,35 +212,53 @@ class TextDataModule(DataModule):
                     f"data.splits={list(self.splits)}"
                 )
 
-    def _report_unknown(self, split: str, text: str) -> None:
-        """Say how many characters of a split the char vocabulary encodes as unknown."""
-        if not isinstance(self.tokenizer, CharTokenizer) or self.tokenizer.unk is None:
-            return  # BPE is byte-level; a tokenizer without unk refuses them when encoding
-        unknown = sorted(self.tokenizer.unknown(text))
-        if unknown:
-            n = sum(text.count(c) for c in unknown)
-            shown = "".join(unknown[:20]) + (" ..." if len(unknown) > 20 else "")
-            log.warning(
-                f"the {split} split has {n} characters ({len(unknown)} distinct: {shown!r}) "
-                "outside the character vocabulary (built from the training split); they are "
-                f"encoded as the unknown character {self.tokenizer.unk!r} and scored as such"
-            )
+    def _tokenize(self, files: list[Path]) -> tuple[dict[str, np.ndarray], dict]:
+        """Read the text, train the tokenizer (unless one is given) and encode every split."""
+        t0 = time.perf_counter()
+        text = self.load_text(files)
+        parts = self.split_text(text)
+        tokenizer = self.tokenizer
+        if tokenizer is None:
+            if self.tokenizer_kind == "char":
+                tokenizer = CharTokenizer.train(parts["train"])
+            else:
+                tokenizer = BPETokenizer.train(
+                    parts["train"].splitlines(), vocab_size=self.bpe_vocab_size
+                )
+        dtype = np.uint16 if tokenizer.vocab_size < 2**16 else np.uint32
+        arrays = {
+            name: np.asarray(tokenizer.encode(part), dtype=dtype) for name, part in parts.items()
+        }
+        unknown = {}
+        if isinstance(tokenizer, CharTokenizer) and tokenizer.unk is not None:
+            # BPE is byte-level; a tokenizer without unk refuses them when encoding
+            for name, part in parts.items():
+                chars = sorted(tokenizer.unknown(part))
+                if chars:
+                    unknown[name] = {"count": sum(part.count(c) for c in chars), "chars": chars}
+        log.info(
+            f"text: read {len(text)} characters and tokenized them in "
+            f"{time.perf_counter() - t0:.1f} s"
+        )
+        meta = {
+            "tokenizer": tokenizer.to_dict(),
+            "files": len(files),
+            "chars": {name: len(part) for name, part in parts.items()},
+            "unknown": unknown,
+        }
+        return arrays, meta
 
-    def _cached_ids(self, key: str, split: str, text: str) -> np.ndarray:
-        """Token ids of one split, encoded once and memory-mapped from the cache afterwards."""
-        dtype = np.uint16 if self.tokenizer.vocab_size < 2**16 else np.uint32
-        if self.cache_dir is None:
-            return np.asarray(self.tokenizer.encode(text), dtype=dtype)
-        f = self.cache_dir / "tokens" / f"{key}.{split}.bin"
-        if not f.exists():
-            f.parent.mkdir(parents=True, exist_ok=True)
-            ids = np.asarray(self.tokenizer.encode(text), dtype=dtype)
-            tmp = f.with_suffix(f".{os.getpid()}.tmp")  # atomic: ranks may race to write it
-            ids.tofile(tmp)
-            os.replace(tmp, f)
-        if f.stat().st_size == 0:
-            return np.zeros(0, dtype=dtype)
-        return np.memmap(f, dtype=dtype, mode="r")
+    def _report_unknown(self, split: str, unknown: dict | None) -> None:
+        """Say how many characters of a split the char vocabulary encodes as unknown."""
+        if not unknown:
+            return
+        chars = unknown["chars"]
+        shown = "".join(chars[:20]) + (" ..." if len(chars) > 20 else "")
+        log.warning(
+            f"the {split} split has {unknown['count']} characters ({len(chars)} distinct: "
+            f"{shown!r}) outside the character vocabulary (built from the training split); they "
+            f"are encoded as the unknown character {self.tokenizer.unk!r} and scored as such"
+        )
 
     @property
     def vocab_size(self) -> int:

@@ -42,18 +42,21 @@ def cached_arrays(
     files: Sequence[Path],
     params: dict[str, Any],
     decode: Callable[[], tuple[Arrays, dict[str, Any]]],
+    done: str = "decoded",
 ) -> tuple[Arrays, dict[str, Any]]:
     """`decode()` -> (arrays, plain-data meta), read back from the cache when it holds them.
 
     Arrays come back memory-mapped copy-on-write: writable for the caller, never written back;
-    meta then has "cached": True. No cache_dir: decode every time.
+    meta then has "cached": True. No cache_dir: decode every time. done: what `decode` does to
+    the files, for the line that reports a cache hit ("decoded", "tokenized").
     """
     if cache_dir is None:
         return decode()
     entry = Path(cache_dir) / kind / folder_key(kind, files, params)
     hit = _read(entry)
     if hit is not None:
-        log.info(f"{kind}: {len(files)} files decoded earlier, memory-mapped from {entry}")
+        n = f"{len(files)} file" + ("" if len(files) == 1 else "s")
+        log.info(f"{kind}: {n} {done} earlier, memory-mapped from {entry}")
         return hit
     arrays, meta = decode()
     try:
@@ -61,6 +64,15 @@ def cached_arrays(
     except OSError as e:  # a full or read-only disk costs the cache, not the run
         log.warning(f"{kind}: could not cache the decoded files in {entry} ({e}); going on")
     return arrays, meta
+
+
+def lookup(
+    cache_dir: Path | None, kind: str, files: Sequence[Path], params: dict[str, Any]
+) -> tuple[Arrays, dict[str, Any]] | None:
+    """What `cached_arrays` would read back for these files and parameters; None: not cached."""
+    if cache_dir is None:
+        return None
+    return _read(Path(cache_dir) / kind / folder_key(kind, files, params))
 
 
 def _read(entry: Path) -> tuple[Arrays, dict[str, Any]] | None:
