@@ -71,7 +71,7 @@ def loss_before(folder: Path, text: Path, work: Path) -> float:
 
     from bigmodel.data import TextDataModule
     from bigmodel.nets import GPT
-    from bigmodel.pretrained import hf_gpt2
+    from bigmodel.pretrained import hf
 
     dm = TextDataModule(
         path=str(text),
@@ -82,8 +82,8 @@ def loss_before(folder: Path, text: Path, work: Path) -> float:
         cache_dir=str(work / ".cache"),
     )
     dm.setup("fit")
-    net = GPT(**hf_gpt2.gpt_config(folder))
-    hf_gpt2.load_weights(net, folder)
+    net = GPT(**hf.net_config(folder))
+    hf.load_weights(net, folder)
     net.eval()
     total, n = 0.0, 0
     with torch.no_grad():
@@ -120,7 +120,7 @@ def main() -> None:
         "test=false",
     )
     from bigmodel.checkpoints import restore
-    from bigmodel.pretrained.hf_gpt2 import export_hf
+    from bigmodel.pretrained.hf import export_hf
 
     _, datamodule, task = restore(str(run / "checkpoints" / "last.ckpt"))
     folder = work / "gpt2-docs"

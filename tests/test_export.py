@@ -189,7 +189,10 @@ def test_bad_export_requests_get_one_line(trained, tmp_path):
         ((f"out={out}",), "already holds files"),
         ((f"out={tmp_path / 'a'}", "format=torchscript"), "format=torchscript is not one of"),
         ((f"out={tmp_path / 'b'}", "quantize=int8"), "add format=onnx"),
-        ((f"out={tmp_path / 'c'}", "format=hf"), "format=hf writes GPT-2 folders"),
+        (
+            (f"out={tmp_path / 'c'}", "format=hf"),
+            "format=hf writes Hugging Face folders of language models",
+        ),
     ]
     for args, message in cases:
         proc = run_cli("export.py", f"ckpt_path={ckpt}", *args, cwd=tmp_path, check=False)
@@ -200,15 +203,15 @@ def test_bad_export_requests_get_one_line(trained, tmp_path):
     assert proc.returncode == 2 and "does not exist" in proc.stderr
 
 
-def test_hf_format_goes_to_the_gpt2_exporter(trained, tmp_path):
+def test_hf_format_goes_to_the_hugging_face_exporter(trained, tmp_path):
     import importlib.util
 
     run = trained("gpt")
     out = tmp_path / "hf"
     proc = export(run / "checkpoints" / "last.ckpt", out, "format=hf", check=False)
-    if importlib.util.find_spec("bigmodel.pretrained.hf_gpt2") is None:
+    if importlib.util.find_spec("bigmodel.pretrained.hf") is None:
         assert proc.returncode == 2
-        assert "format=hf needs bigmodel.pretrained.hf_gpt2" in proc.stderr
+        assert "format=hf needs bigmodel.pretrained.hf" in proc.stderr
     else:
         assert proc.returncode == 0, proc.stderr
         assert (out / "config.json").is_file()

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 
 from bigmodel.checkpoints import restore
 from bigmodel.errors import UserError
-from bigmodel.pretrained import build_net, hf_gpt2, merge_lora
+from bigmodel.pretrained import build_net, hf, merge_lora
 from bigmodel.pretrained.lora import LoRAConfig, LoRALinear, apply_lora, count_trainable
 from tests.conftest import run_cli, run_dirs
 from tests.test_pretrained import SHORT, hf_logits, ours, write_gpt2, write_text
@@ -68,7 +68,7 @@ def test_adapted_net_equals_its_merged_net_and_its_export(tmp_path):
     again.load_state_dict(state, strict=True)
     with torch.no_grad():
         torch.testing.assert_close(again(idx), got, rtol=0, atol=0)
-    hf_gpt2.export_hf(net, tmp_path / "hf", tokenizer=hf_gpt2.check_tokenizer(folder, 10**6))
+    hf.export_hf(net, tmp_path / "hf", tokenizer=hf.check_tokenizer(folder, 10**6))
     assert (hf_logits(tmp_path / "hf", idx) - got).abs().max() < 1e-4
 
 
@@ -124,7 +124,7 @@ def test_lora_run_saves_adapters_only_and_restores_on_its_base(tmp_path):
     )
     with torch.no_grad():
         got = task.net(idx)
-    hf_gpt2.export_hf(task, tmp_path / "hf")
+    hf.export_hf(task, tmp_path / "hf")
     assert (hf_logits(tmp_path / "hf", idx) - got).abs().max() < 1e-4
     # for inference: the checkpoint's net alone, base from init_from, adapters merged
     net_state = {k[4:]: v for k, v in ckpt["state_dict"].items()}

@@ -18,7 +18,7 @@ import torch
 from bigmodel.checkpoints import restore
 from bigmodel.data.tokenizers import BPETokenizer
 from bigmodel.nets import GPT
-from bigmodel.pretrained import hf_gpt2
+from bigmodel.pretrained import hf
 from tests.conftest import ROOT, run_cli, run_dirs
 
 transformers = pytest.importorskip("transformers")
@@ -101,8 +101,8 @@ def hf_logits(folder: Path, idx: torch.Tensor) -> torch.Tensor:
 
 
 def ours(folder: Path) -> GPT:
-    net = GPT(**hf_gpt2.gpt_config(folder))
-    hf_gpt2.load_weights(net, folder)
+    net = GPT(**hf.net_config(folder))
+    hf.load_weights(net, folder)
     return net.eval()
 
 
@@ -155,7 +155,7 @@ def test_finetune_from_a_gpt2_folder_then_export_it_back(tmp_path):
     )
     (run,) = run_dirs(tmp_path)
     log = (run / "train.log").read_text()
-    assert f"model.init_from: GPT-2 weights from {folder}" in log
+    assert f"model.init_from: gpt2 weights from {folder}" in log
     ckpt_path = run / "checkpoints" / "last.ckpt"
     cfg, datamodule, task = restore(str(ckpt_path))
     assert cfg.model.net.n_layer == 2 and cfg.model.net.n_embd == 32
@@ -167,7 +167,7 @@ def test_finetune_from_a_gpt2_folder_then_export_it_back(tmp_path):
     print(f"fine-tuning CLI run: {time.perf_counter() - t0:.1f} s; {proc.stdout[-300:]}")
 
     out = tmp_path / "hf"
-    hf_gpt2.export_hf(task, out)
+    hf.export_hf(task, out)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     mode = (out / "model.safetensors").stat().st_mode & 0o777
     assert mode == (out / "config.json").stat().st_mode & 0o777, oct(mode)  # not 0600
@@ -215,7 +215,7 @@ def test_export_a_char_model_trained_from_scratch(tmp_path):
     tok = CharTokenizer.train(text)
     net = GPT(vocab_size=tok.vocab_size, block_size=16, n_layer=1, n_head=2, n_embd=16, bias=False)
     task = LanguageModel(net).eval()
-    hf_gpt2.export_hf(task, tmp_path / "hf", tokenizer=tok)
+    hf.export_hf(task, tmp_path / "hf", tokenizer=tok)
     idx = torch.tensor([tok.encode(text[:16])])
     with torch.no_grad():
         assert (net(idx) - hf_logits(tmp_path / "hf", idx)).abs().max() < 1e-4
@@ -259,12 +259,18 @@ SLOW = pytest.mark.slow  # each loads torch in a new process: two stay in the fa
         pytest.param(
             empty,
             [],
-            "has no config.json, so it is no GPT-2 folder; model.init_from takes a Hugging Face "
-            "GPT-2 folder",
+            "has no config.json, so it is no Hugging Face model folder; model.init_from takes a "
+            "Hugging Face folder of a decoder (gpt2, llama, qwen2, qwen3, mistral",
             id="empty-folder",
             marks=SLOW,
         ),
-        pytest.param(not_gpt2, [], "holds a bert model, not GPT-2", id="not-gpt2", marks=SLOW),
+        pytest.param(
+            not_gpt2,
+            [],
+            "holds a bert model (",
+            id="not-gpt2",
+            marks=SLOW,
+        ),
         pytest.param(
             no_weights,
             [],
@@ -296,8 +302,8 @@ SLOW = pytest.mark.slow  # each loads torch in a new process: two stay in the fa
         pytest.param(
             None,
             ["model=cnn", "data=digits", "model.lora.rank=4"],
-            "model.lora.rank=4: LoRA adapts the GPT only (model=gpt, gpt_small, gpt2_124m), and "
-            "this model's net is bigmodel.nets.CNN",
+            "model.lora.rank=4: LoRA adapts the decoder only (model=gpt, llama and their "
+            "presets), and this model's net is bigmodel.nets.CNN",
             id="lora-on-cnn",
         ),
     ],

@@ -1,9 +1,10 @@
-"""export.py: a checkpoint -> a self-contained folder (safetensors, ONNX, or HF GPT-2).
+"""export.py: a checkpoint -> a self-contained folder (safetensors, ONNX, or Hugging Face).
 
 `format=safetensors` writes the weights, configs, tokenizer or class names and the model card
 (bigmodel.deploy.folder); `format=onnx` adds the ONNX graphs with their parity against PyTorch
 (bigmodel.deploy.onnx) and, with `quantize=int8`, the int8 graphs scored next to fp32 on the
-checkpoint's held-out data; `format=hf` (GPT only) writes a Hugging Face transformers folder.
+checkpoint's held-out data; `format=hf` (decoders: GPT-2, Llama, Qwen2, Qwen3, Mistral) writes a
+Hugging Face transformers folder of the net's family (bigmodel.pretrained.hf).
 """
 
 from __future__ import annotations
@@ -71,14 +72,14 @@ def _fill(bundle: Bundle, cfg: DictConfig, name: str, tmp: Path) -> None:
 def _export_hf(cfg: DictConfig, bundle: Bundle, out: Path) -> None:
     if bundle.kind != "lm":
         raise UserError(
-            f"format=hf writes GPT-2 folders; this checkpoint is a {bundle.kind} model: use "
-            "format=safetensors or format=onnx"
+            f"format=hf writes Hugging Face folders of language models; this checkpoint is a "
+            f"{bundle.kind} model: use format=safetensors or format=onnx"
         )
     try:
-        hf = importlib.import_module("bigmodel.pretrained.hf_gpt2")
+        hf = importlib.import_module("bigmodel.pretrained.hf")
     except ModuleNotFoundError as e:
         raise UserError(
-            f"format=hf needs bigmodel.pretrained.hf_gpt2, which is missing here ({e}); use "
+            f"format=hf needs bigmodel.pretrained.hf, which is missing here ({e}); use "
             "format=safetensors or format=onnx"
         ) from None
     import inspect

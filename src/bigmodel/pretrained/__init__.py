@@ -1,9 +1,10 @@
 """Starting from pretrained weights: `model.init_from` and `model.lora`.
 
-`model.init_from` is a Hugging Face GPT-2 folder (hf_gpt2.py: the net is sized from its
-config.json, its weights are mapped in, the text is tokenized with its tokenizer) or a train.py
-checkpoint of the same model family (transfer.py). `model.lora.rank > 0` freezes the net and trains
-LoRA adapters (lora.py). The task classes know none of this: the runner calls
+`model.init_from` is a Hugging Face folder of a supported decoder family (hf.py: the adapter of
+its config.json's model_type shapes the net, maps its weights in, and the text is tokenized with
+its tokenizer) or a train.py checkpoint of the same model family (transfer.py).
+`model.lora.rank > 0` freezes the net and trains LoRA adapters (lora.py). The task classes know
+none of this: the runner calls
 
 - `prepare(cfg)` before the data module is built (net sizes, tokenizer folder, early checks),
 - `prepare_data(cfg, datamodule)` before its setup (a checkpoint's tokenizer),
@@ -79,14 +80,16 @@ def prepare(cfg: DictConfig) -> None:
     if lora is not None:
         if _net_target(model) != GPT_TARGET:
             raise UserError(
-                f"model.lora.rank={lora.rank}: LoRA adapts the GPT only (model=gpt, gpt_small, "
-                f"gpt2_124m), and this model's net is {_net_target(model)}; fine-tune it fully "
-                "(model.lora.rank=0) or start from its checkpoint with model.init_from=CKPT"
+                f"model.lora.rank={lora.rank}: LoRA adapts the decoder only (model=gpt, llama "
+                f"and their presets), and this model's net is {_net_target(model)}; fine-tune it "
+                "fully (model.lora.rank=0) or start from its checkpoint with model.init_from=CKPT"
             )
         if not init:
+            from bigmodel.pretrained.hf import SUPPORTED
+
             raise UserError(
                 f"model.lora.rank={lora.rank} trains adapters on pretrained weights: set "
-                "model.init_from to a Hugging Face GPT-2 folder or a GPT .ckpt of train.py"
+                f"model.init_from to a Hugging Face folder ({SUPPORTED}) or a .ckpt of train.py"
             )
     if not init:
         return
@@ -95,8 +98,9 @@ def prepare(cfg: DictConfig) -> None:
         model.init_from = path  # absolute: eval.py finds it from anywhere
     if not os.path.exists(path):
         raise UserError(
-            f"model.init_from={init} does not exist; pass a Hugging Face GPT-2 folder (downloaded "
-            "elsewhere: config.json, model.safetensors, tokenizer.json) or a .ckpt of train.py"
+            f"model.init_from={init} does not exist; pass a Hugging Face model folder "
+            "(downloaded elsewhere: config.json, model.safetensors, tokenizer.json) or a .ckpt "
+            "of train.py"
         )
     if os.path.isdir(path):
         _prepare_hf(cfg, path)
@@ -111,15 +115,16 @@ def prepare(cfg: DictConfig) -> None:
 
 def _prepare_hf(cfg: DictConfig, folder: str) -> None:
     from bigmodel.config_checks import typed_keys
-    from bigmodel.pretrained import hf_gpt2
+    from bigmodel.pretrained import hf, hf_files
 
     if _net_target(cfg.model) != GPT_TARGET:
         raise UserError(
-            f"model.init_from={folder} is a folder, which means a Hugging Face GPT-2; this model's "
-            f"net is {_net_target(cfg.model)}: use model=gpt2_124m, or a .ckpt of this family"
+            f"model.init_from={folder} is a folder, which means a Hugging Face model; this "
+            f"model's net is {_net_target(cfg.model)}: use experiment=finetune, or a .ckpt of "
+            "this family"
         )
-    sizes = hf_gpt2.gpt_config(folder)
-    hf_gpt2.weights_files(folder)  # missing weights: say so now, not after the data is read
+    sizes = hf.net_config(folder)
+    hf_files.weights_files(folder)  # missing weights: say so now, not after the data is read
     typed, net = typed_keys(), cfg.model.net
     with open_dict(net):
         for key, value in sizes.items():
@@ -137,7 +142,7 @@ def _prepare_hf(cfg: DictConfig, folder: str) -> None:
                     )
                 )
             net[key] = value
-    hf_gpt2.check_tokenizer(folder, sizes["vocab_size"])
+    hf_files.check_tokenizer(folder, sizes["vocab_size"])
     data = cfg.get("data")
     if data is not None and "tokenizer" in data:
         if "data.tokenizer" in typed and os.path.abspath(str(data.tokenizer)) != folder:
@@ -187,11 +192,11 @@ def load_base(model: DictConfig | dict, net: nn.Module, restoring: bool = False)
             "model.init_from=DIR"
         )
     if os.path.isdir(init):
-        from bigmodel.pretrained.hf_gpt2 import load_weights
+        from bigmodel.pretrained.hf import load_weights
 
         load_weights(net, init)
         if not restoring:
-            log.info(f"model.init_from: GPT-2 weights from {init}")
+            log.info(f"model.init_from: {net.config.family} weights from {init}")
     else:
         from bigmodel.pretrained.transfer import load_transfer, read_checkpoint
 

@@ -31,7 +31,7 @@ def read_checkpoint(path: str | Path) -> dict:
         raise UserError(
             f"model.init_from={path} is not a checkpoint torch can read as tensors and plain "
             f"data ({type(e).__name__}); pass a .ckpt written by train.py or a Hugging Face "
-            "GPT-2 folder"
+            "model folder"
         ) from None
     config = (ckpt.get("bigmodel") or {}).get("config") if isinstance(ckpt, dict) else None
     if not config or "state_dict" not in ckpt:
