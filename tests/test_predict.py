@@ -198,3 +198,24 @@ def test_audio_files_from_a_folder(trained, tmp_path):
         ref = task.net.eval()(waves[:8]).argmax(-1)
     by_name = {Path(r["path"]).stem: r["label"] for r in rows}
     assert [by_name[str(i)] for i in range(8)] == [dm.classes[int(k)] for k in ref]
+
+
+def test_blank_prompt_lines_are_skipped_and_counted(trained, tmp_path):
+    ckpt = trained("gpt") / "checkpoints" / "last.ckpt"
+    (tmp_path / "prompts.txt").write_text("The \n\n   \nIt was\n\n")
+    proc = predict(
+        f"ckpt_path={ckpt}", "input=prompts.txt", "output=g.jsonl", "max_new_tokens=4", cwd=tmp_path
+    )
+    assert [r["prompt"] for r in read_jsonl(tmp_path / "g.jsonl")] == ["The ", "It was"]
+    assert "wrote 2 predictions to g.jsonl; skipped 3 blank lines" in proc.stdout
+
+
+def test_blank_lines_of_a_list_of_image_paths_are_counted(trained, tmp_path):
+    """Every line-based input says what it skipped: here a .txt list of files."""
+    ckpt = best_checkpoint(trained("cnn"))
+    write_test_split_pngs(ckpt, tmp_path / "digits")
+    files = sorted((tmp_path / "digits").rglob("*.png"))[:3]
+    (tmp_path / "list.txt").write_text("\n" + "\n\n".join(str(f) for f in files) + "\n")
+    proc = predict(f"ckpt_path={ckpt}", "input=list.txt", "output=p.csv", cwd=tmp_path)
+    assert len(read_csv(tmp_path / "p.csv")) == 3
+    assert "wrote 3 predictions to p.csv; skipped 3 blank lines" in proc.stdout

@@ -8,6 +8,9 @@ What `input=` is, by kind of model:
 - translation models: a text file of sentences, one a line -> translations;
 - regressors: rows of numbers (CSV or whitespace separated, a header line allowed).
 
+Blank lines of a line-based input are no input: they are skipped, and the closing line counts
+them ("wrote 3 predictions to out.csv; skipped 2 blank lines").
+
 Rows are predicted in batches (`batch_size`) with a progress bar; an unreadable file or row
 stops the run (`on_bad_file=error`) or is reported and skipped (`skip`); the output file is
 written once, complete, by an atomic rename, and an existing one only with overwrite=true.
@@ -45,6 +48,7 @@ class BadFiles:
         if mode not in ON_BAD_FILE:
             raise UserError(f"on_bad_file={mode} is not one of {', '.join(ON_BAD_FILE)}")
         self.mode, self.skipped = mode, []
+        self.blank = 0  # blank lines of line-based inputs: no input, skipped and counted
 
     def __call__(self, where: str, err: BadInput) -> None:
         if self.mode == "error":
@@ -56,7 +60,14 @@ class BadFiles:
 
 
 # ------------------------------------------------------------------------------------ inputs
-def media_files(path: Path, kind: str) -> list[Path]:
+def nonblank(lines: list[str], bad: BadFiles) -> list[str]:
+    """The lines that hold something; the blank ones are counted in `bad.blank`."""
+    kept = [line for line in lines if line.strip()]
+    bad.blank += len(lines) - len(kept)
+    return kept
+
+
+def media_files(path: Path, kind: str, bad: BadFiles) -> list[Path]:
     """The files `input=` names: one file, a folder (recursively) or a .txt list of paths."""
     suffixes = media_suffixes(kind)
     if path.is_dir():
@@ -67,7 +78,7 @@ def media_files(path: Path, kind: str) -> list[Path]:
     if path.suffix.lower() in suffixes:
         return [path]
     if path.suffix.lower() in (".txt", ".lst"):
-        lines = [line.strip() for line in read_lines(path) if line.strip()]
+        lines = [line.strip() for line in nonblank(read_lines(path), bad)]
         # relative paths are relative to the list's folder
         return [p if p.is_absolute() else path.parent / p for p in map(Path, lines)]
     raise UserError(
@@ -148,6 +159,7 @@ def predict_rows(runner: Runner, path: Path, cfg: DictConfig, bad: BadFiles) -> 
     xs, index = [], []
     for i, line in enumerate(lines):
         if not line.strip():
+            bad.blank += 1
             continue
         values = line.replace(",", " ").split()
         try:
@@ -176,7 +188,7 @@ def predict_rows(runner: Runner, path: Path, cfg: DictConfig, bad: BadFiles) -> 
 
 
 def predict_text(runner: Runner, path: Path, cfg: DictConfig, bad: BadFiles) -> list[dict]:
-    texts = [line for line in read_lines(path) if line.strip()]
+    texts = nonblank(read_lines(path), bad)
     rows: list[dict] = []
     what = "prompts" if runner.kind == "lm" else "sentences"
     bar, task = progress(len(texts), what, cfg.progress)
@@ -254,7 +266,7 @@ def predict(cfg: DictConfig) -> list[dict]:
     runner = Runner(bundle, cfg.engine, bool(cfg.int8))
     log.info(f"predict: {runner.describe()}, input {path}")
     if bundle.kind in ("image", "audio"):
-        rows = predict_media(runner, media_files(path, bundle.kind), cfg, bad)
+        rows = predict_media(runner, media_files(path, bundle.kind, bad), cfg, bad)
     elif bundle.kind == "regression":
         rows = predict_rows(runner, path, cfg, bad)
     else:
@@ -265,5 +277,7 @@ def predict(cfg: DictConfig) -> list[dict]:
         raise UserError(f"input={path} gave no predictions (every input was unreadable)")
     atomic_write_text(output, render(rows, output.suffix, bundle.kind, bundle.classes))
     skipped = f"; skipped {len(bad.skipped)} unreadable" if bad.skipped else ""
+    if bad.blank:
+        skipped += f"; skipped {bad.blank} blank line" + ("" if bad.blank == 1 else "s")
     print(f"wrote {len(rows)} predictions to {output}{skipped}")
     return rows
