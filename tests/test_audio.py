@@ -282,3 +282,41 @@ def test_cli_audio_folder_learns_the_tones(tmp_path):
     # up to 0.2 on 24 clips
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.4, losses
     assert metrics["test/acc"] > 1 / 3 + 0.3, metrics["test/acc"]  # three classes
+
+
+def test_too_few_speakers_for_the_fractions_is_one_warning(trained):
+    out = trained.proc("audio").stdout + trained.proc("audio").stderr  # 4 speakers
+    line = (
+        "[bigmodel][WARNING] - data.split_by=speaker: 4 speakers are fewer than "
+        "data.val_fraction=0.1 and data.test_fraction=0.2 need (10 for one speaker each); val and "
+        "test get 1 speaker each, 25% of the speakers; add speakers or use data.split_by=clip"
+    )
+    assert out.count(line) == 1
+
+
+def test_a_folder_with_too_few_speakers_for_one_fraction_names_it(tmp_path):
+    write_wav_folder(tmp_path / "wavs", per_class=8)  # speakers spk0 .. spk3
+    proc = run_cli(
+        "train.py",
+        "experiment=spoken_digits",
+        "data=audio_folder",
+        f"data.root={tmp_path / 'wavs'}",
+        "data.split_by=speaker",
+        "data.val_fraction=0.1",  # 0.4 of a speaker: gets one, 25 %
+        "data.test_fraction=0.3",  # 1.2 speakers: one, as asked within rounding
+        "trainer.max_epochs=1",
+        "model.net.widths=[8]",
+        "test=false",
+        cwd=tmp_path,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    warnings = [
+        line[line.index("[bigmodel]") :]
+        for line in proc.stdout.splitlines()
+        if "[bigmodel]" in line and "split_by=speaker" in line
+    ]
+    assert warnings == [
+        "[bigmodel][WARNING] - data.split_by=speaker: 4 speakers are fewer than "
+        "data.val_fraction=0.1 needs (10 for one speaker); val gets 1 speaker, 25% of the "
+        "speakers; add speakers or use data.split_by=clip"
+    ], warnings

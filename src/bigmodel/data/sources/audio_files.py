@@ -6,6 +6,7 @@ asked for and padded or cropped to a fixed number of samples.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -24,6 +25,8 @@ from bigmodel.data.sources.files import (
     split_indices,
 )
 from bigmodel.errors import UserError
+
+log = logging.getLogger("bigmodel")
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg"}
 SPEAKER_RE = re.compile(r"^(?P<label>[^_]+)_(?P<speaker>[^_]+)_(?P<n>[^_]+)$")
@@ -130,10 +133,17 @@ def speech_commands_files(
 
 
 # -------------------------------------------------------------------------------- splits
-def speaker_split(speakers: np.ndarray, fractions: list[float], seed: int) -> list[np.ndarray]:
+def speaker_split(
+    speakers: np.ndarray,
+    fractions: list[float],
+    seed: int,
+    parts: tuple[str, ...] = ("val", "test"),
+) -> list[np.ndarray]:
     """Whole speakers go to one split: no voice is both trained and tested on.
 
-    -> indices of the train part, then of one part per fraction (of the speakers).
+    -> indices of the train part, then of one part per fraction (of the speakers). A fraction
+    too small to give one speaker still gets one (a split is never left empty), with a warning
+    that names the share it gets instead. parts: the splits the fractions are for.
     """
     names = np.unique(speakers)
     rng = np.random.default_rng(seed)
@@ -143,6 +153,19 @@ def speaker_split(speakers: np.ndarray, fractions: list[float], seed: int) -> li
         raise UserError(
             f"data.split_by=speaker: {len(names)} speakers are too few to give "
             f"{sum(counts)} to val/test and keep some for training; use data.split_by=clip"
+        )
+    # a fraction under one speaker: its split gets one, a larger share than asked
+    short = [(s, f) for s, f in zip(parts, fractions, strict=True) if 0 < f * len(names) < 1]
+    if short:
+        one = len(short) == 1
+        asked = " and ".join(f"data.{s}_fraction={f:g}" for s, f in short)
+        need = math.ceil(1 / min(f for _, f in short))
+        log.warning(
+            f"data.split_by=speaker: {len(names)} speakers are fewer than {asked} "
+            f"{'needs' if one else 'need'} ({need} for one speaker"
+            f"{'' if one else ' each'}); {' and '.join(s for s, _ in short)} "
+            f"{'gets' if one else 'get'} 1 speaker{'' if one else ' each'}, "
+            f"{1 / len(names):.0%} of the speakers; add speakers or use data.split_by=clip"
         )
     groups, start = [], len(names) - sum(counts)
     groups.append(set(order[:start]))
@@ -176,7 +199,7 @@ def split_files(
                     f"{f.name}; rename the files or use data.split_by=clip"
                 )
             speakers.append(m["speaker"])
-        parts = speaker_split(np.array(speakers), fractions, seed)
+        parts = speaker_split(np.array(speakers), fractions, seed, tuple(missing))
     else:
         parts = split_indices(np.array([y for _, y in pool]), fractions, seed)
     out = {"train": [pool[i] for i in parts[0]]}
