@@ -13,6 +13,7 @@ import os
 import pty
 import re
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tests import forkserver
-from tests.conftest import ROOT, TINY_LM, compose_config, run_cli, run_dirs
+from tests.conftest import ROOT, TINY_LM, compose_config, popen_cli, run_cli, run_dirs
 
 COLUMNS = 100
 
@@ -292,3 +293,83 @@ def test_last_checkpoint_writes_nothing_under_fast_dev_run(tmp_path, monkeypatch
         trainer.fast_dev_run = fast_dev_run
         cb.save_now(trainer)
     assert len(saved) == 1  # fast_dev_run=0 only
+
+
+# ------------------------------------------------------------------- warnings that said nothing
+def smoke_args(*extra: str) -> list[str]:
+    """TINY_LM as a user's smoke run: its scheduler's own warmup (100 steps), a few steps."""
+    return [a for a in TINY_LM if not a.startswith("scheduler.")] + list(extra)
+
+
+def test_a_piped_smoke_run_prints_no_warning_and_no_colour_code(tmp_path):
+    # W&B not silenced (the suite silences it): its closing lines go to a pipe here
+    proc = run_cli(
+        "train.py",
+        *smoke_args("trainer.max_steps=5", "test=false", "logger=[csv,wandb]"),
+        cwd=tmp_path,
+        env={"WANDB_SILENT": "false", "WANDB_MODE": "offline"},
+    )
+    out = proc.stdout + proc.stderr
+    # a run too short for a tenth of it to be a step: no warmup, said without a warning
+    assert "scheduler warmup_steps=100 >= total_steps=5: no warmup in a run this short" in out
+    assert "[WARNING]" not in out and "Warning" not in out, out[-3000:]
+    # W&B's closing lines, through its Python side: no colour codes in a pipe
+    assert "wandb: You can sync this run to the cloud by running:" in out
+    assert "\x1b" not in out, [line for line in out.splitlines() if "\x1b" in line]
+
+
+def test_a_run_stopped_and_continued_prints_no_lightning_warning(tmp_path):
+    args = smoke_args(
+        "trainer.max_steps=400",
+        "trainer.val_check_interval=200",
+        "test=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    )
+    proc = popen_cli(
+        "train.py", *args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = tmp_path / "run" / "csv" / "metrics.csv"
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and time.monotonic() < deadline:
+        if metrics.is_file() and metrics.read_text().count("\n") > 2:  # training has begun
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    # the stop saves a whole checkpoint, saying so to Lightning: no "weights_only was not set"
+    assert "weights_only" not in stdout + stderr
+    again = run_cli("train.py", *args[:-3], "trainer.max_steps=4", *args[-2:], cwd=tmp_path)
+    out = again.stdout + again.stderr
+    assert "resume=auto: continuing from" in out
+    # the run directory is continued on purpose: no "Checkpoint directory ... is not empty"
+    assert "Checkpoint directory" not in out and "Warning" not in out, out[-3000:]
+
+
+def test_bpe_text_is_printed_with_its_control_characters_escaped(tmp_path):
+    prompt = "\x1b[31mred\rX"  # ESC and CR: a terminal would colour and overwrite
+    proc = run_cli(
+        "train.py",
+        *TINY_LM,
+        "data.tokenizer=bpe",
+        "data.vocab_size=300",
+        "trainer.max_steps=6",
+        "test=false",
+        f"callbacks.text_sample.prompt='{prompt}'",
+        cwd=tmp_path,
+    )
+    escaped = "\\x1b[31mred\\rX"
+    assert f"--- sample at step 6 ---\n{escaped}" in proc.stdout
+    (run,) = run_dirs(tmp_path)
+    gen = run_cli(
+        "generate.py",
+        f"ckpt_path={run}/checkpoints/last.ckpt",
+        f"prompt={prompt}",
+        "max_new_tokens=40",
+        "num_samples=4",
+        cwd=tmp_path,
+    )
+    assert gen.stdout.count(escaped) == 4
+    # nothing sampled reaches the terminal raw either: no C0 control but newline
+    (sample,) = re.findall(r"--- sample at step 6 ---\n(.*?)\n---\n", proc.stdout, re.S)
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", sample + gen.stdout)

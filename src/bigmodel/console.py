@@ -13,12 +13,14 @@ three things, each aimed at one cause:
   advertise its paid services, and "TPU available: False, using: 0 TPU cores" (a machine
   with a TPU still gets the line).
 - Lightning's own use of a deprecated torch API (`LeafSpec()`, torch >= 2.10) warns on every
-  run; that one warning, from that one module, is ignored.
+  run; that one warning, from that one module, is ignored. So is ModelCheckpoint's "Checkpoint
+  directory ... exists and is not empty": a run directory is used again only to continue it.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import lightning
@@ -83,6 +85,17 @@ def route_lightning_logs() -> None:
         rank_zero.addFilter(DropLines())
 
 
+# C0 controls but tab and newline, DEL, C1 controls: a byte-level BPE model samples any byte,
+# and a raw ESC or CR in its text would drive the terminal (colours, cursor moves, overwrites)
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` with its control characters escaped (`\\x1b`, `\\r`), as a terminal must be shown
+    generated text; tabs and newlines stay."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
 def quiet_dependency_warnings() -> None:
     # lightning/pytorch/utilities/_pytree.py builds `LeafSpec()`, which torch deprecated
     warnings.filterwarnings(
@@ -90,6 +103,11 @@ def quiet_dependency_warnings() -> None:
         message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
         category=FutureWarning,
         module=r"lightning\.pytorch\.utilities\._pytree",
+    )
+    # ModelCheckpoint warns whenever a run's checkpoint folder holds files; a run directory
+    # used again is continued on purpose (resume=auto, ckpt_path=...) and says so in a line
+    warnings.filterwarnings(
+        "ignore", message=r"Checkpoint directory .* exists and is not empty", category=UserWarning
     )
 
 

@@ -90,6 +90,40 @@ def _print_sync_commands() -> None:
         print(f"W&B ran offline; upload the run with: wandb sync {pattern}", flush=True)
 
 
+class _FinishingWandbLogger(WandbLogger):
+    """Lightning's W&B logger, except that the run is finished by this process when it exits.
+
+    A run left open is finished by W&B's service process, whose closing lines ("You can sync
+    this run ...", "Find logs at ...") carry colour codes even into a pipe or a log file, and
+    which records the run as finished whatever happened. Finished here, W&B prints them through
+    its Python side, which leaves colours out where stderr is not a terminal, and the run is
+    marked failed when training did not succeed (Lightning's `finalize` status).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._status: str | None = None
+        self._finish_registered = False
+
+    @property
+    def experiment(self) -> Any:
+        run = WandbLogger.experiment.fget(self)
+        if self._experiment is not None and not self._finish_registered:
+            # after wandb.init: atexit runs this before W&B's own teardown (last in, first out)
+            self._finish_registered = True
+            atexit.register(self._finish)
+        return run
+
+    def finalize(self, status: str) -> None:
+        super().finalize(status)
+        self._status = status
+
+    def _finish(self) -> None:
+        run = self._experiment
+        if run is not None and not getattr(run, "_is_finished", False):
+            run.finish(exit_code=0 if self._status == "success" else 1)
+
+
 def wandb_logger(
     save_dir: str,
     project: str = "bigmodel",
@@ -130,7 +164,7 @@ def wandb_logger(
             atexit.register(_print_sync_commands)
         _offline_runs.append(f"{out}/wandb/offline-run-*-{run_id}")
         log.info(f"W&B runs offline (no WANDB_API_KEY, or WANDB_MODE=offline): {out}/wandb")
-    logger = WandbLogger(
+    logger = _FinishingWandbLogger(
         save_dir=str(out),
         project=project,
         name=name,

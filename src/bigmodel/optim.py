@@ -100,13 +100,17 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
                 "the checkpoint's plan"
             )
         if warmup_steps >= total_steps:
-            # Short debug runs: keep the schedule's shape rather than refusing to start.
+            # Short debug runs: keep the schedule's shape rather than refusing to start. A run
+            # under 10 steps (a smoke run) has no warmup: said in passing, not warned about.
             short = total_steps // 10
-            _log_once(
-                f"scheduler warmup_steps={warmup_steps} >= total_steps={total_steps}: warming up "
-                f"for {short} steps (a tenth of the run) instead",
-                logging.WARNING,
-            )
+            head = f"scheduler warmup_steps={warmup_steps} >= total_steps={total_steps}"
+            if short:
+                _log_once(
+                    f"{head}: warming up for {short} steps (a tenth of the run) instead",
+                    logging.WARNING,
+                )
+            else:
+                _log_once(f"{head}: no warmup in a run this short")
             warmup_steps = short
         self.total_steps, self.warmup_steps, self.min_lr_ratio = (
             total_steps,

@@ -413,8 +413,10 @@ def generate(cfg: DictConfig) -> list[str]:
     texts = task.generate_texts(tokenizer, options)
     # one input (a prompt), several samples of it: separated; a list of inputs: a line each
     one_input = isinstance(getattr(options, dataclasses.fields(options)[0].name), str)
+    from bigmodel.console import printable  # control characters escaped: any byte is a token
+
     for i, t in enumerate(texts):
         if one_input and len(texts) > 1:
             print(f"--- sample {i} ---")
-        print(t)
+        print(printable(t))
     return texts

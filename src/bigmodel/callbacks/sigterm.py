@@ -148,9 +148,9 @@ class SigtermCheckpoint(L.Callback):
         after_validation = _validated_at_this_batch(trainer)
         loop._batches_that_stepped -= after_validation
         try:
-            trainer.save_checkpoint(
-                path
-            )  # our handlers stay: a second signal only re-raises a flag
+            # a whole checkpoint (optimizer, loops, callbacks): the run continues from it. Our
+            # handlers stay: a second signal only re-raises a flag
+            trainer.save_checkpoint(path, weights_only=False)
         finally:
             loop._batches_that_stepped += after_validation
             self._restore()

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
+from bigmodel.console import printable
 from bigmodel.errors import UserError
 from bigmodel.media import log_text
 from bigmodel.sampling import check_sampling
@@ -55,6 +56,7 @@ class TextSample(L.Callback):
         if text is None or not trainer.is_global_zero:
             return
         step = trainer.global_step
+        text = printable(text)  # control characters escaped: any byte is a BPE token
         print(f"\n--- sample at step {step} ---\n{text}\n---", flush=True)
         if trainer.default_root_dir:
             with open(Path(trainer.default_root_dir) / "samples.txt", "a", encoding="utf-8") as f:
