@@ -62,7 +62,7 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path):
     run_cli(
         "train.py", *TINY_DDP, "trainer=ddp_cpu", "trainer.devices=1", "data.batch_size=16", cwd=one
     )
-    run_cli(
+    proc = run_cli(
         "train.py",
         *TINY_DDP,
         "trainer=ddp_cpu",
@@ -70,6 +70,12 @@ def test_ddp_two_processes_match_one_with_the_same_global_batch(tmp_path):
         "global_batch_size=16",
         cwd=two,
     )
+    # the run's opening lines once, from rank 0: rank 1 says only warnings and errors
+    out = proc.stdout + proc.stderr
+    assert out.count("train: run directory ") == 1 and out.count("  overrides  ") == 1
+    assert out.count(" M parameters; run directory ") == 1
+    assert out.count("text (embedded corpus): ") == 1
+    assert "[rank: 1]" not in out and "GLOBAL_RANK: 1" not in out
     (r1,), (r2,) = run_dirs(one), run_dirs(two)
     l1, l2 = val_losses(r1), val_losses(r2)
     assert len(l1) == len(l2) == 2

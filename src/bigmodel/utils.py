@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -104,7 +106,39 @@ _PLUMBING = {
 }
 
 
+# The variables that number a process of a distributed run (torchrun, Lightning's launcher for
+# ranks > 0, SLURM, LSF; the node for multi-node launches): the first process has none or all 0.
+RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def is_first_process() -> bool:
+    """Whether this is rank 0 of a distributed run (or the only process): the one that speaks."""
+    for var in RANK_VARS:
+        with contextlib.suppress(ValueError):
+            if int(os.environ.get(var, "0")) != 0:
+                return False
+    return True
+
+
+class WarningsOnly(logging.Filter):
+    """Pass warnings and errors only: other ranks repeat rank 0's lines, and say only these."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING
+
+
+def quiet_other_ranks() -> None:
+    """On every rank but the first, the console and log get warnings and errors only."""
+    if is_first_process():
+        return
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, WarningsOnly) for f in handler.filters):
+            handler.addFilter(WarningsOnly())
+
+
 def apply_extras(cfg: DictConfig) -> None:
+    """What a run prints before it starts (rank 0 only: the others start from its command)."""
+    quiet_other_ranks()
     extras = cfg.get("extras") or {}
     if extras.get("ignore_warnings"):
         warnings.filterwarnings("ignore")
@@ -114,6 +148,8 @@ def apply_extras(cfg: DictConfig) -> None:
         raise UserError(
             f"extras.print_config={mode} is not one of {', '.join(PRINT_CONFIG_CHOICES)}"
         )
+    if not is_first_process():
+        return
     if mode == "full":
         print_config(cfg)
     elif mode == "short":
