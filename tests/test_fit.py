@@ -14,7 +14,7 @@ import pytest
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
-from bigmodel.config_checks import check_fit
+from bigmodel.config_fit import check_fit
 from bigmodel.errors import UserError
 from tests.conftest import CONFIGS, compose_config
 

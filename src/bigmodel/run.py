@@ -46,13 +46,13 @@ from bigmodel.checkpoints import (
 from bigmodel.config_checks import (
     absolute_data_paths,
     check_context,
-    check_fit,
     check_mandatory,
     check_precision,
     check_types,
     fill_from_data,
     generation_options,
 )
+from bigmodel.config_fit import check_fit
 from bigmodel.distributed import derive_accumulation
 from bigmodel.errors import Stopped, UserError, is_multirun, reports_user_errors, root_cause
 from bigmodel.hardware import resolve_precision

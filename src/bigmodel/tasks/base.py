@@ -78,6 +78,22 @@ class Task(L.LightningModule):
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         fully_shard_net(self.net, self.device_mesh["data_parallel"], mp)
 
+    def _plain_strategy(self) -> bool:
+        """Whether each process holds whole parameters (one device, DDP; no trainer: yes), not
+        shards of them (FSDP, DeepSpeed)."""
+        from lightning.pytorch.strategies import (
+            DDPStrategy,
+            DeepSpeedStrategy,
+            SingleDeviceStrategy,
+        )
+
+        if self._trainer is None:
+            return True
+        strategy = self._trainer.strategy
+        return isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(
+            strategy, DeepSpeedStrategy
+        )
+
     def _optimizer_kernels(self, factory: functools.partial) -> dict[str, bool]:
         """The fastest update kernels torch has for this optimizer and these parameters.
 
@@ -87,16 +103,7 @@ class Task(L.LightningModule):
         sharded ones (FSDP, DeepSpeed) and mixed precision keep the foreach kernels. Others:
         foreach, which torch uses on CUDA anyway, not on a CPU.
         """
-        from lightning.pytorch.strategies import (
-            DDPStrategy,
-            DeepSpeedStrategy,
-            SingleDeviceStrategy,
-        )
-
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        plain = isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) and not isinstance(
-            strategy, DeepSpeedStrategy
-        )
+        plain = self._trainer is not None and self._plain_strategy()
         # a fused step unscales gradients itself, so Lightning's mixed precision cannot clip
         # them before it: mixed precision keeps foreach
         plain = plain and "mixed" not in str(self.trainer.precision)
@@ -125,7 +132,16 @@ class Task(L.LightningModule):
                 "+optimizer.fused (bigmodel picks foreach kernels here), or set "
                 "trainer.gradient_clip_val=null"
             )
-        optimizer = factory(param_groups(self, weight_decay), **extra)
+        optimizer_class = getattr(factory, "func", factory)
+        if getattr(optimizer_class, "needs_whole_matrices", False) and not self._plain_strategy():
+            raise UserError(
+                f"{optimizer_class.__name__} updates whole weight matrices, which "
+                f"{type(self.trainer.strategy).__name__} shards across processes: train with "
+                "strategy=ddp, or choose optimizer=adamw"
+            )
+        # an optimizer may say which parameters take which update (Muon: hidden matrices)
+        groups_for = getattr(optimizer_class, "groups_for", None) or param_groups
+        optimizer = factory(groups_for(self, weight_decay), **extra)
         if self._trainer is None or self.trainer.is_global_zero:  # once, not once per rank
             log.info(
                 f"optimizer: {type(optimizer).__name__} (lr={optimizer.defaults.get('lr')}, "
