@@ -166,12 +166,19 @@ def _tok(folder: Path):
 
 # ------------------------------------------------------------------------ through the CLI
 @pytest.mark.parametrize(
-    "case", ["qwen3-tied-head-dim", pytest.param("mistral-gqa", marks=pytest.mark.slow)]
+    ("case", "lora"),
+    [
+        ("qwen3-tied-head-dim", []),
+        pytest.param("mistral-gqa", [], marks=pytest.mark.slow),
+        pytest.param("llama-tied-gqa", ["model.lora.rank=4"], marks=pytest.mark.slow),
+    ],
+    ids=["qwen3", "mistral", "llama-lora"],
 )
-def test_finetune_any_family_then_export_it_back(tmp_path, case):
+def test_finetune_any_family_then_export_it_back(tmp_path, case, lora):
     """experiment=finetune takes the family and sizes from the folder and tokenizes with its
     tokenizer; export.py format=hf writes a folder transformers loads as the same class, with the
-    tokenizer (special tokens included) and the same logits."""
+    tokenizer (special tokens included) and the same logits. With LoRA (roles q and v, the
+    llama config's default) the checkpoint holds the adapters alone and export merges them."""
     folder = write_model(tmp_path / "model", case)
     text = write_text(tmp_path / "corpus.txt", 20_000)
     run_cli(
@@ -187,10 +194,16 @@ def test_finetune_any_family_then_export_it_back(tmp_path, case):
         "scheduler.scheduler.warmup_steps=1",
         "optimizer.lr=1e-3",
         "callbacks.text_sample.max_new_tokens=4",
+        *lora,
         cwd=tmp_path,
     )
     (run,) = run_dirs(tmp_path)
     ckpt = run / "checkpoints" / "last.ckpt"
+    if lora:
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+        assert sorted(saved) == sorted(
+            f"net.blocks.{i}.attn.qkv.lora_{ab}.{r}" for i in range(2) for ab in "ab" for r in "qv"
+        )
     from bigmodel.checkpoints import restore
 
     cfg, datamodule, task = restore(str(ckpt))
@@ -305,3 +318,67 @@ def test_a_net_its_family_cannot_express_is_refused_on_export(tmp_path):
     net = GPT(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16, family="llama")
     with pytest.raises(UserError, match="model.net.norm=layernorm cannot be written as a Hugging"):
         hf.export_hf(net, tmp_path / "out", tokenizer=_tok(write_model(tmp_path / "m", "gpt2")))
+
+
+# ------------------------------------------------------------------------- LoRA by role
+ROLES = ["q", "k", "v", "o", "gate", "up", "down"]
+
+
+def test_lora_by_role_adapts_only_its_rows_and_exports_merged(tmp_path):
+    """Each role of a fused layer gets its own adapter on its own rows (what an adapter on the
+    family's separate q_proj, gate_proj, ... computes); the merged export is what transformers
+    computes."""
+    from bigmodel.pretrained.lora import LoRAConfig, apply_lora, count_trainable
+
+    folder = write_model(tmp_path / "m", "qwen3-tied-head-dim")
+    net = ours(folder)
+    cfg = net.config
+    idx = random_ids(cfg.vocab_size)
+    apply_lora(net, LoRAConfig(rank=2, targets=ROLES))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_b" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    q, kv, H, C = cfg.n_head * cfg.head_dim, cfg.n_kv_head * cfg.head_dim, 48, cfg.n_embd
+    rows = {"q": q, "k": kv, "v": kv, "o": C, "gate": H, "up": H, "down": C}
+    ins = {"q": C, "k": C, "v": C, "o": q, "gate": C, "up": C, "down": H}
+    trainable, _ = count_trainable(net)
+    assert trainable == cfg.n_layer * 2 * sum(rows[r] + ins[r] for r in ROLES)
+    assert sorted(k for k in net.state_dict() if k.startswith("blocks.0.attn.qkv")) == [
+        f"blocks.0.attn.qkv.lora_{ab}.{r}" for ab in "ab" for r in "kqv"
+    ]
+    hf.export_hf(net, tmp_path / "out", tokenizer=_tok(folder))
+    with torch.no_grad():
+        got = net(idx)
+        assert (got - hf_model(tmp_path / "out")(idx).logits).abs().max() < 1e-4
+    # v alone: the q and k rows of the fused projection keep their pretrained weights
+    only_v = ours(folder)
+    apply_lora(only_v, LoRAConfig(rank=2, targets=["v"]))
+    qkv = only_v.blocks[0].attn.qkv
+    with torch.no_grad():
+        qkv.lora_b["v"].normal_()
+    delta = qkv.delta()
+    assert delta[: q + kv].abs().max() == 0 and delta[q + kv :].abs().max() > 0
+
+
+def test_a_lora_role_the_family_lacks_is_one_line_and_exit_2(tmp_path):
+    folder = write_model(tmp_path / "m", "gpt2")  # GPT-2's MLP has no gate
+    text = write_text(tmp_path / "corpus.txt", 5_000)
+    proc = run_cli(
+        "train.py",
+        "experiment=finetune",
+        f"model.init_from={folder}",
+        f"data.path={text}",
+        "model.lora.rank=4",
+        "model.lora.targets=[q,gate]",
+        "trainer.max_steps=1",
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and (
+        "model.lora.targets: gate is no role of this model's blocks (it has q, k, v, o, up, down)"
+        in errors[0]
+    ), proc.stderr[-2000:]

@@ -304,6 +304,25 @@ class GPT(nn.Module):
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    def roles(self) -> dict[str, tuple[str, tuple[int, int] | None]]:
+        """Where each projection of a block lives: role -> (Linear within the block, its output
+        rows, or None for all of them). The fused layers hold several roles: attn.qkv has q, k,
+        v; a SwiGLU's mlp.fc has gate, up. (LoRA targets and PEFT adapters go by role.)"""
+        cfg = self.config
+        q, kv, H = cfg.n_head * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head, cfg.hidden
+        out = {
+            "q": ("attn.qkv", (0, q)),
+            "k": ("attn.qkv", (q, q + kv)),
+            "v": ("attn.qkv", (q + kv, q + 2 * kv)),
+            "o": ("attn.proj", None),
+        }
+        if cfg.mlp == "swiglu":
+            out.update(gate=("mlp.fc", (0, H)), up=("mlp.fc", (H, 2 * H)))
+        else:
+            out["up"] = ("mlp.fc", None)
+        out["down"] = ("mlp.proj", None)
+        return out
+
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; a position table is left out by default, as GPT-2 reports."""
         n = sum(p.numel() for p in self.parameters())
