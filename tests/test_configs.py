@@ -19,7 +19,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from bigmodel.errors import UserError
 from bigmodel.hardware import resolve_precision
-from bigmodel.nets import gpt, vit
 from bigmodel.run import build_task, build_trainer, instantiate_all
 from bigmodel.sweep import OptunaSweep, search_space, trial_overrides
 from hydra_plugins.bigmodel_optuna_sweeper.config import BigmodelOptunaSweeperConf
@@ -171,9 +170,8 @@ def check_strategy(cfg: DictConfig, option: str) -> None:
         assert strategy.sharding_strategy.name == conf.sharding_strategy == "FULL_SHARD"
         assert strategy.cpu_offload.offload_params is False
         assert strategy._state_dict_type == "full"
-        # one FSDP unit per transformer block of the GPT and the ViT
-        wrapped = strategy.kwargs["auto_wrap_policy"]._module_classes
-        assert wrapped == {gpt.Block, vit.Block}
+        # one FSDP unit per module of the net's `blocks`, whatever the family
+        assert type(strategy.kwargs["auto_wrap_policy"]).__name__ == "NetBlocks"
         assert not strategy._activation_checkpointing_kwargs  # off unless enabled=true
     elif option == "fsdp2":
         assert isinstance(strategy, L.pytorch.strategies.ModelParallelStrategy), name

@@ -245,14 +245,17 @@ def test_compile_compiles_the_net_and_trains(tmp_path):
     assert len(spy.steps) == 2
 
 
-def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
+LLAMA_STYLE = dict(norm="rmsnorm", positions="rotary", mlp="swiglu", n_kv_head=1)
+
+
+@pytest.mark.parametrize("style", [{}, LLAMA_STYLE], ids=["gpt2", "llama"])
+def test_activation_checkpointing_gives_the_same_gradients(tmp_path, style):
     from bigmodel.nets import GPT
 
     torch.manual_seed(0)
-    net = GPT(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16)
-    ckpt_net = GPT(
-        vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, activation_checkpointing=True
-    )
+    kw = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, **style)
+    net = GPT(**kw)
+    ckpt_net = GPT(**kw, activation_checkpointing=True)
     ckpt_net.load_state_dict(net.state_dict())
     x = torch.randint(0, 50, (2, 16))
     for m in (net, ckpt_net):
@@ -318,3 +321,28 @@ def test_gpu_precision_trains_the_gpt(precision, tmp_path):
     (run,) = run_dirs(tmp_path)
     losses = val_losses(run)
     assert len(losses) == 2 and losses[1] < losses[0]
+
+
+def test_fsdp_units_are_the_blocks_of_any_net():
+    """strategy=fsdp's policy (bigmodel.distributed.NetBlocks) picks each module of the net's
+    `blocks`, whatever its class: checked with torch's activation-checkpointing wrapper, which
+    walks the modules with the same policy protocol as FSDP (FSDP1 itself needs CUDA)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointWrapper,
+        apply_activation_checkpointing,
+    )
+
+    from bigmodel.distributed import NetBlocks
+    from bigmodel.nets import GPT, ViT
+    from bigmodel.tasks import Task
+
+    nets = {
+        "llama": GPT(vocab_size=50, block_size=16, n_layer=3, n_head=2, n_embd=16, **LLAMA_STYLE),
+        "vit": ViT(num_classes=3, in_channels=1, image_size=8, patch_size=4, n_layer=2, n_embd=8),
+    }
+    for name, net in nets.items():
+        task = Task(net)
+        blocks = list(net.blocks)
+        apply_activation_checkpointing(task, auto_wrap_policy=NetBlocks())
+        wrapped = [m for m in task.modules() if isinstance(m, CheckpointWrapper)]
+        assert [w._checkpoint_wrapped_module for w in wrapped] == blocks, name

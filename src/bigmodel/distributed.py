@@ -56,6 +56,32 @@ def module_classes(paths: list[str], enabled: bool = True) -> set[type[nn.Module
     return out
 
 
+class NetBlocks:
+    """An FSDP auto-wrap (or activation-checkpointing) policy that takes the units from the net:
+    every module of a `blocks` list (bigmodel.tasks.protocols), whatever its class, so that a
+    new model family needs no class list in configs/strategy/fsdp.yaml.
+
+    torch calls it on each module, a parent (recurse=True) before its children: a module with a
+    `blocks` list has them noted there, and each is then wrapped (recurse=False).
+    """
+
+    def __init__(self) -> None:
+        self.blocks: set[int] = set()
+
+    def __call__(self, module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
+        if recurse:
+            blocks = getattr(module, "blocks", None)
+            if isinstance(blocks, nn.ModuleList):
+                self.blocks.update(id(b) for b in blocks)
+            return True  # look inside every module
+        return id(module) in self.blocks
+
+
+def net_blocks(enabled: bool = True) -> NetBlocks | None:
+    """`NetBlocks()`, or None when `enabled` is false (the policy is off)."""
+    return NetBlocks() if enabled else None
+
+
 def fully_shard_net(net: nn.Module, mesh: Any, mp_policy: Any | None = None) -> nn.Module:
     """FSDP2: shard each block of `net.blocks` (one all-gather per block), then the rest of the net.
 
