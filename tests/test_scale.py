@@ -120,8 +120,22 @@ def test_ddp_multirun_gives_one_run_directory_per_job(tmp_path):
 
 # ------------------------------------------------------------------------------- FSDP2 on CPU
 @pytest.mark.slow  # several training processes: CI runs it after the fast suite
-def test_fsdp2_two_processes_train_checkpoint_and_load_in_one(tmp_path):
-    run_cli("train.py", *TINY_DDP, "trainer=ddp_cpu", "strategy=fsdp2", cwd=tmp_path)
+@pytest.mark.parametrize(
+    ("model", "strategy"),
+    [("gpt", "fsdp2"), ("llama", "fsdp2"), ("llama", "ddp")],
+    ids=["gpt-fsdp2", "llama-fsdp2", "llama-ddp"],
+)
+def test_fsdp2_two_processes_train_checkpoint_and_load_in_one(tmp_path, model, strategy):
+    """Also the Llama-style decoder (rotary, GQA, SwiGLU), sharded block by block or replicated."""
+    run_cli(
+        "train.py",
+        f"model={model}",
+        *TINY_DDP,
+        "trainer=ddp_cpu",
+        f"strategy={strategy}",
+        *(["model.net.n_kv_head=1"] if model == "llama" else []),
+        cwd=tmp_path,
+    )
     (run,) = run_dirs(tmp_path)
     losses = val_losses(run)
     assert len(losses) == 2 and losses[1] < losses[0]
