@@ -167,3 +167,38 @@ def test_the_second_rank_of_a_ddp_run_shares_the_folder_without_the_lock(tmp_pat
     assert "taking over the lock" not in output(proc)
     assert not (run / LOCK).exists()
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_lock_of_another_host_is_judged_by_its_heartbeat(tmp_path):
+    """On a shared file system a pid of another host means nothing here: a lock its holder
+    touched lately refuses the run, one silent for longer than STALE_S is taken over."""
+    from bigmodel.run_folder import STALE_S
+
+    run = tmp_path / "run"
+    run.mkdir()
+    lock = run / LOCK
+    lock.write_text(json.dumps({"pid": 1, "host": "node-7", "start": 5, "since": "then"}))
+    proc = run_cli("train.py", *lm(run, 2), cwd=tmp_path, env=ONE_THREAD, check=False)
+    assert proc.returncode == 2, output(proc)[-3000:]
+    assert "in use by another training (pid 1 on node-7, since then)" in proc.stderr
+
+    old = time.time() - STALE_S - 60
+    os.utime(lock, (old, old))
+    proc = run_cli("train.py", *lm(run, 2), cwd=tmp_path, env=ONE_THREAD)
+    (warning,) = [line for line in output(proc).splitlines() if "taking over the lock" in line]
+    assert f"(pid 1, started then; on node-7, silent for over {STALE_S:.0f} s)" in warning
+    assert not lock.exists()
+
+
+def test_the_holder_of_a_lock_touches_it(tmp_path):
+    from bigmodel.run_folder import heartbeat
+
+    lock = tmp_path / LOCK
+    lock.write_text("{}")
+    os.utime(lock, (0, 0))
+    stop = heartbeat(lock, every=0.05)
+    deadline = time.time() + 10
+    while lock.stat().st_mtime == 0 and time.time() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    assert lock.stat().st_mtime > time.time() - 60

@@ -11,7 +11,9 @@ it was:
   SIGTERM (Lightning's stop, bigmodel.callbacks.sigterm) all go through the interpreter's exit.
   A lock whose process no longer lives (kill -9, a crash, the pid since reused by another
   program, an earlier run of the same SLURM job before it was requeued) is taken over with one
-  warning line; one of another host is taken as alive. Only the process that launched the run
+  warning line. A lock of another host (a shared file system) cannot be checked by its pid:
+  the training that holds it touches it every `HEARTBEAT_S` seconds, and one untouched for
+  `STALE_S` is taken over the same way. Only the process that launched the run
   takes it: the other ranks of `strategy=ddp` re-run the command in the same folder
   (bigmodel.launcher), and each job of a multirun has a folder of its own.
 - **The record.** A folder that already holds a run (its `.hydra/overrides.yaml` exists: the
@@ -35,6 +37,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +55,9 @@ RECORD_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 # a lock file still empty this long after it was made was left by a process killed while
 # writing it; a younger one is being written by a run starting now
 _EMPTY_LOCK_GRACE_S = 10.0
+# the holder of a lock touches it this often; a lock of another host untouched this long is stale
+HEARTBEAT_S = 30.0
+STALE_S = 600.0
 
 
 def launches_run() -> bool:
@@ -92,13 +98,17 @@ def _owner_record() -> dict[str, Any]:
     }
 
 
-def _alive(owner: dict[str, Any]) -> bool:
-    """Whether the process a lock names still runs (on another host: assumed so)."""
+def _alive(owner: dict[str, Any], path: Path | None = None) -> bool:
+    """Whether the process a lock names still runs (on another host: whether it touched the
+    lock at `path` within STALE_S)."""
     job = os.environ.get("SLURM_JOB_ID")
     if job and owner.get("slurm_job") == job and owner.get("pid") != os.getpid():
         return False  # an earlier run of this SLURM job (requeued): SLURM runs one at a time
-    if owner.get("host") != socket.gethostname():
-        return True  # its pid means nothing here
+    if owner.get("host") != socket.gethostname():  # its pid means nothing here: its heartbeat
+        try:
+            return path is None or time.time() - path.stat().st_mtime < STALE_S
+        except OSError:
+            return False
     pid = owner.get("pid")
     if not isinstance(pid, int) or pid <= 0:
         return False
@@ -145,7 +155,7 @@ def acquire(run_dir: Path) -> tuple[Path, str | None]:
                     if time.time() - path.stat().st_mtime < _EMPTY_LOCK_GRACE_S:
                         time.sleep(0.2)
                         continue
-            elif _alive(owner):
+            elif _alive(owner, path):
                 raise UserError(_busy(run_dir, path, owner)) from None
             # stale: move it aside first, so that of two runs taking it over at once one wins
             aside = path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")
@@ -156,9 +166,15 @@ def acquire(run_dir: Path) -> tuple[Path, str | None]:
             with contextlib.suppress(OSError):
                 aside.unlink()
             owner = owner or {}
+            where = owner.get("host", "?")
+            gone = (
+                f"on {where}, silent for over {STALE_S:.0f} s"
+                if where not in ("?", socket.gethostname())
+                else "killed?"
+            )
             warning = (
                 f"{run_dir}: taking over the lock of an earlier training that no longer runs "
-                f"(pid {owner.get('pid', '?')}, started {owner.get('since', '?')}; killed?)"
+                f"(pid {owner.get('pid', '?')}, started {owner.get('since', '?')}; {gone})"
             )
             continue
         with os.fdopen(fd, "w") as f:
@@ -176,6 +192,24 @@ def _busy(run_dir: Path, path: Path, owner: dict[str, Any]) -> str:
         "run a folder of its own: leave hydra.run.dir at its default or choose another "
         f"(if that training is gone for good, delete {path})"
     )
+
+
+def heartbeat(path: Path, every: float = HEARTBEAT_S) -> threading.Event:
+    """Touch the lock every `every` seconds from a daemon thread while this process holds it,
+    so that a run on another host sharing the folder can tell it is alive. Set the returned
+    event to stop."""
+    stop = threading.Event()
+    pid = os.getpid()
+
+    def beat() -> None:
+        while not stop.wait(every):
+            if os.getpid() != pid:
+                return
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    threading.Thread(target=beat, name="run-folder-lock", daemon=True).start()
+    return stop
 
 
 def release(path: Path) -> None:
@@ -220,6 +254,7 @@ class RunFolder(Callback):
         self.warning: str | None = None
         self.hydra_dir: Path | None = None
         self.kept: dict[str, bytes] = {}
+        self.beating: threading.Event | None = None
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not launches_run():
@@ -236,6 +271,7 @@ class RunFolder(Callback):
             # is the other training's
             fail(str(e))
         atexit.register(release, self.lock)
+        self.beating = heartbeat(self.lock)
         subdir = OmegaConf.select(config, "hydra.output_subdir")
         if subdir is not None:
             self.hydra_dir = run_dir / str(subdir)
@@ -266,5 +302,7 @@ class RunFolder(Callback):
         )
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self.beating is not None:
+            self.beating.set()
         if self.lock is not None:
             release(self.lock)
