@@ -6,16 +6,20 @@ readers or generators in `sources/`, export the class here and give it `configs/
 
 from bigmodel.data.audio import AudioDataModule
 from bigmodel.data.base import DataModule
+from bigmodel.data.chat import ChatDataModule
 from bigmodel.data.image import ImageDataModule
 from bigmodel.data.regression import RegressionDataModule
 from bigmodel.data.text import TextDataModule
+from bigmodel.data.text_stream import TextStreamDataModule
 from bigmodel.data.translation import TranslationDataModule
 
 __all__ = [
     "AudioDataModule",
+    "ChatDataModule",
     "DataModule",
     "ImageDataModule",
     "RegressionDataModule",
     "TextDataModule",
+    "TextStreamDataModule",
     "TranslationDataModule",
 ]
