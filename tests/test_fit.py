@@ -25,6 +25,7 @@ DATA_KIND = {
     "bigmodel.data.TextDataModule": "text",
     "bigmodel.data.TranslationDataModule": "pairs",
     "bigmodel.data.RegressionDataModule": "vectors",
+    "bigmodel.data.ChatDataModule": "conversations",
 }
 # a model fits a kind of data through its task and its net (a CNN on images, not on audio)
 NET_KIND = {

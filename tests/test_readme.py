@@ -153,6 +153,8 @@ OWN_TESTS = {
     "Extending": "tests/test_extending.py",
     # a GPT-2 folder that transformers writes: tests/test_pretrained.py builds one
     "Starting from pretrained weights": "tests/test_pretrained.py",
+    # chat models and conversation files that transformers writes: tests/test_chat.py
+    "Post-training: chat fine-tuning and preferences": "tests/test_chat.py",
     # export.py, predict.py and a running serve.py with its client: tests/test_serve.py
     "Deploying a model": "tests/test_serve.py",
 }
