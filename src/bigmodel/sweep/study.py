@@ -73,6 +73,17 @@ def sigterm_interrupts() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def held_signals():
+    """SIGINT and SIGTERM arriving inside the block are delivered when it ends."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class OptunaSweep:
     """One invocation of a (possibly resumed) study: ask a batch, launch it, tell, repeat.
 
@@ -215,6 +226,7 @@ class OptunaSweep:
             return [e] * len(batch)
 
     def interrupt(self, study: optuna.Study, batch: list[optuna.Trial]) -> None:
+        """Record the trials of `batch` cut off by a signal as failed (owed again)."""
         for trial in batch:
             with contextlib.suppress(Exception):
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -251,7 +263,11 @@ class OptunaSweep:
                         log.info(f"{done} of {self.s.n_trials} trials done; running {max(owed, 0)}")
                     if owed <= 0:
                         break
-                    batch = [self.ask(study, space) for _ in range(min(self.s.n_jobs, owed))]
+                    for _ in range(min(self.s.n_jobs, owed)):
+                        # a signal while Optuna records the new trial would leave it RUNNING
+                        # and out of `batch`: it is held until the trial is in the batch
+                        with held_signals():
+                            batch.append(self.ask(study, space))
                     returns = self.launch(batch, fixed)
                     for trial, ret in zip(batch, returns, strict=True):
                         outcome = self.record(study, trial, ret)
