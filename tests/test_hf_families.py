@@ -62,6 +62,9 @@ CASES = {
 }
 
 
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+
+
 def tokenizer(vocab: int = 200):
     """A byte-level BPE trained on a few lines, as transformers saves a fast tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -76,18 +79,27 @@ def tokenizer(vocab: int = 200):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(corpus(20_000).splitlines(), trainer)
-    return transformers.PreTrainedTokenizerFast(
+    fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
 
 
-def write_model(folder: Path, case: str, seed: int = 0, extra_vocab: int = 3) -> Path:
-    """A random model of `case` saved by transformers, with its tokenizer, in `folder`."""
+def write_model(
+    folder: Path, case: str, seed: int = 0, extra_vocab: int = 3, positions: int | None = None
+) -> Path:
+    """A random model of `case` saved by transformers, with its tokenizer, in `folder`
+    (`positions`: its context, if not the default 64)."""
     folder.mkdir(parents=True, exist_ok=True)
     tok = tokenizer()
     tok.save_pretrained(folder)
     cls, settings = CASES[case]
     sizes = {} if cls == "GPT2Config" else SIZES
+    if positions is not None:
+        key = "n_positions" if cls == "GPT2Config" else "max_position_embeddings"
+        settings = {**settings, key: positions}
+        sizes = {k: v for k, v in sizes.items() if k != key}
     config = getattr(transformers, cls)(
         vocab_size=len(tok) + extra_vocab,  # rows past the tokenizer, as real models pad theirs
         bos_token_id=tok.bos_token_id,
@@ -223,6 +235,7 @@ def test_finetune_any_family_then_export_it_back(tmp_path, case, lora):
         assert (got - source(idx).logits).abs().max() > 1e-4  # it was trained
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.eos_token == "</s>" and tok.bos_token == "<s>"
+    assert tok.chat_template == CHAT_TEMPLATE
     sample = corpus(3000)[1000:1400]
     assert tok(sample, add_special_tokens=False)["input_ids"] == datamodule.tokenizer.encode(sample)
 
