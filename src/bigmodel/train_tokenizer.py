@@ -23,8 +23,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from bigmodel.data.sources.parts import documents, plan_parts, resolve_sources
 from bigmodel.errors import UserError, reports_user_errors
-from bigmodel.prepare_data import documents, parse_args, plan_parts, positive, resolve_sources
+from bigmodel.prepare_data import parse_args, positive
 
 KEYS = {
     "source": None,

@@ -24,6 +24,7 @@ and the shards' tokenizer is checked against `tokenizer` (and a checkpoint's).
 from __future__ import annotations
 
 import hashlib
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from bigmodel.data.base import DataModule
 from bigmodel.data.shards import check_shards, is_remote, litdata, tokens_in
 from bigmodel.data.tokenizers import BPETokenizer, tokenizer_from_dict
 from bigmodel.errors import UserError
+
+log = logging.getLogger("bigmodel")
 
 
 def collate_windows(items: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,6 +196,12 @@ class TextStreamDataModule(DataModule):
                     f"({tokens} tokens in all, cut into windows shard by shard); use a larger "
                     "corpus, a smaller model.net.block_size, or change data.val_fraction"
                 )
+        unread = 1 - windows * window / max(tokens, 1)
+        log.info(
+            f"{self.path}: {tokens:,} tokens in {len(index['chunks'])} shards, "
+            f"{windows:,} windows of {window} tokens ({unread:.1%} of the tokens, at shard ends, "
+            f"in no window); {self.windows['train']:,} train, {self.windows['val']:,} val"
+        )
         self.manifest = manifest
         self.tokenizer = shards  # a checkpoint's tokenizer is compared with it (base.py)
 
