@@ -193,6 +193,10 @@ def test_bad_export_requests_get_one_line(trained, tmp_path):
             (f"out={tmp_path / 'c'}", "format=hf"),
             "format=hf writes Hugging Face folders of language models",
         ),
+        (
+            (f"out={tmp_path / 'd'}", "format=peft"),
+            "format=peft writes the LoRA adapters of language models",
+        ),
     ]
     for args, message in cases:
         proc = run_cli("export.py", f"ckpt_path={ckpt}", *args, cwd=tmp_path, check=False)

@@ -11,6 +11,7 @@ that a mapping mistake shows; the tokenizer is a small BPE trained here and save
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -233,6 +234,19 @@ def test_finetune_any_family_then_export_it_back(tmp_path, case, lora):
         got = task.net(idx)
         assert (got - back(idx).logits).abs().max() < 1e-4
         assert (got - source(idx).logits).abs().max() > 1e-4  # it was trained
+    if not lora:
+        proc = run_cli(
+            "export.py", f"ckpt_path={ckpt}", "format=peft", "out=p", cwd=tmp_path, check=False
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        assert "format=peft writes LoRA adapters, and this checkpoint has none" in proc.stderr
+    if lora and importlib.util.find_spec("peft"):  # the adapters alone, for peft over DIR
+        import peft
+
+        run_cli("export.py", f"ckpt_path={ckpt}", "format=peft", f"out={out}.peft", cwd=tmp_path)
+        adapted = peft.PeftModel.from_pretrained(source, f"{out}.peft").eval()
+        with torch.no_grad():
+            assert (got - adapted(idx).logits).abs().max() < 1e-4
     tok = transformers.AutoTokenizer.from_pretrained(out)
     assert tok.eos_token == "</s>" and tok.bos_token == "<s>"
     assert tok.chat_template == CHAT_TEMPLATE
@@ -395,3 +409,44 @@ def test_a_lora_role_the_family_lacks_is_one_line_and_exit_2(tmp_path):
         "model.lora.targets: gate is no role of this model's blocks (it has q, k, v, o, up, down)"
         in errors[0]
     ), proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------- PEFT out
+@pytest.mark.parametrize(
+    ("case", "targets"),
+    [
+        ("qwen3-tied-head-dim", ROLES),  # each role of a fused layer: its own adapter
+        ("llama-untied-llama3-rope-biases", ["attn.qkv", "mlp.fc", "o"]),  # shared A, split B
+        ("gpt2", ["q", "v", "mlp.proj"]),  # two roles in GPT-2's one c_attn: stacked ranks
+    ],
+    ids=["qwen3-roles", "llama-layers", "gpt2-roles"],
+)
+def test_lora_adapters_load_in_peft_over_their_base(tmp_path, case, targets):
+    peft = pytest.importorskip("peft")
+    from bigmodel.pretrained.lora import LoRAConfig, apply_lora
+    from bigmodel.pretrained.peft_format import export_peft
+
+    folder = write_model(tmp_path / "m", case)
+    net = ours(folder)
+    apply_lora(net, LoRAConfig(rank=2, alpha=6.0, targets=targets))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_b" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+    class Run(torch.nn.Module):  # what export.py hands over: the net and its run's config
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.run_config = {"model": {"init_from": str(folder), "lora": {"dropout": 0.0}}}
+
+    export_peft(Run(), tmp_path / "adapter")
+    model = peft.PeftModel.from_pretrained(hf_model(folder), tmp_path / "adapter").eval()
+    idx = random_ids(net.config.vocab_size)
+    with torch.no_grad():
+        got = net.eval()(idx)
+        diff = (got - model(idx).logits).abs().max().item()
+        assert (got - hf_model(folder)(idx).logits).abs().max() > 1e-3  # the adapters count
+    print(f"peft {case} {targets}: max |logit diff| {diff:.2e}")
+    assert diff < 1e-4

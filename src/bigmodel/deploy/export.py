@@ -4,7 +4,8 @@
 (bigmodel.deploy.folder); `format=onnx` adds the ONNX graphs with their parity against PyTorch
 (bigmodel.deploy.onnx) and, with `quantize=int8`, the int8 graphs scored next to fp32 on the
 checkpoint's held-out data; `format=hf` (decoders: GPT-2, Llama, Qwen2, Qwen3, Mistral) writes a
-Hugging Face transformers folder of the net's family (bigmodel.pretrained.hf).
+Hugging Face transformers folder of the net's family (bigmodel.pretrained.hf); `format=peft` the
+LoRA adapters of a checkpoint in the PEFT format, over its `model.init_from` folder.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bigmodel")
 
-FORMATS = ("safetensors", "onnx", "hf")
+FORMATS = ("safetensors", "onnx", "hf", "peft")
 QUANTIZE = (None, "int8")
 
 
@@ -95,6 +96,21 @@ def _export_hf(cfg: DictConfig, bundle: Bundle, out: Path) -> None:
     write_folder(out, lambda tmp: hf.export_hf(task, tmp, **kwargs), bool(cfg.get("overwrite")))
 
 
+def _export_peft(cfg: DictConfig, bundle: Bundle, out: Path) -> None:
+    from bigmodel.checkpoints import restore
+    from bigmodel.deploy.folder import write_folder
+    from bigmodel.pretrained.peft_format import export_peft
+
+    if bundle.kind != "lm":
+        raise UserError(
+            f"format=peft writes the LoRA adapters of language models; this checkpoint is a "
+            f"{bundle.kind} model: use format=safetensors or format=onnx"
+        )
+    _, _, task = restore(bundle.card["source"])  # the net with its adapters, not merged
+    task.run_config = {"model": bundle.model, "data": bundle.data}
+    write_folder(out, lambda tmp: export_peft(task, tmp), bool(cfg.get("overwrite")))
+
+
 @reports_user_errors
 def export(cfg: DictConfig) -> Path:
     """Write the folder `cfg.out` from `cfg.ckpt_path` and print what it holds."""
@@ -107,6 +123,8 @@ def export(cfg: DictConfig) -> Path:
     out = Path(cfg.out)
     if cfg.format == "hf":
         _export_hf(cfg, bundle, out)
+    elif cfg.format == "peft":
+        _export_peft(cfg, bundle, out)
     else:
         write_folder(
             out, lambda tmp: _fill(bundle, cfg, str(cfg.out), tmp), bool(cfg.get("overwrite"))

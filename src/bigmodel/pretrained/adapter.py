@@ -30,3 +30,10 @@ class Family:
     """Our net (merged LoRA layers included) -> the tensors under the family's names."""
     hf_config: Callable[[Any], dict[str, Any]]
     """The net's config -> config.json (without architectures, token ids, dtype)."""
+    layer_prefix: str
+    """Where block i's modules are in the family's model (`model.layers.{i}.`)."""
+    modules: Callable[[Any], dict[str, list[tuple[str, int, int]]]]
+    """The net's config -> each Linear of our blocks as the family's modules: layer -> [(module
+    within the family's layer, first row, end row)] (`attn.qkv` -> q_proj, k_proj, v_proj)."""
+    fan_in_fan_out: bool = False
+    """The family's modules store weights (in, out) (GPT-2's Conv1D): PEFT must know it."""

@@ -159,4 +159,21 @@ def hf_config(cfg: Any) -> dict[str, Any]:
     }
 
 
-FAMILY = Family("gpt2", "GPT2LMHeadModel", net_config, to_net, from_net, hf_config)
+def modules(cfg: Any) -> dict[str, list[tuple[str, int, int]]]:
+    """Our Linear layers are GPT-2's, one to one."""
+    C, H = cfg.n_embd, cfg.hidden
+    rows = {"attn.qkv": 3 * C, "attn.proj": C, "mlp.fc": H, "mlp.proj": C}
+    return {ours: [(theirs, 0, rows[ours])] for ours, theirs in _LINEARS.items()}
+
+
+FAMILY = Family(
+    "gpt2",
+    "GPT2LMHeadModel",
+    net_config,
+    to_net,
+    from_net,
+    hf_config,
+    layer_prefix="transformer.h.{i}.",
+    modules=modules,
+    fan_in_fan_out=True,
+)

@@ -256,6 +256,21 @@ def hf_config(v: Variant, cfg: Any) -> dict[str, Any]:
     return out
 
 
+def modules(cfg: Any) -> dict[str, list[tuple[str, int, int]]]:
+    """Our fused layers as the family's separate projections, by rows."""
+    q, kv, H = cfg.n_head * cfg.dim_per_head, cfg.kv_heads * cfg.dim_per_head, cfg.hidden
+    return {
+        "attn.qkv": [
+            ("self_attn.q_proj", 0, q),
+            ("self_attn.k_proj", q, q + kv),
+            ("self_attn.v_proj", q + kv, q + 2 * kv),
+        ],
+        "attn.proj": [("self_attn.o_proj", 0, cfg.n_embd)],
+        "mlp.fc": [("mlp.gate_proj", 0, H), ("mlp.up_proj", H, 2 * H)],
+        "mlp.proj": [("mlp.down_proj", 0, cfg.n_embd)],
+    }
+
+
 def family(v: Variant) -> Family:
     return Family(
         v.model_type,
@@ -264,6 +279,8 @@ def family(v: Variant) -> Family:
         lambda state, cfg, folder: to_net(v, state, cfg, folder),
         lambda net: from_net(v, net),
         lambda cfg: hf_config(v, cfg),
+        layer_prefix="model.layers.{i}.",
+        modules=modules,
     )
 
 
