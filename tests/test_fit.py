@@ -26,6 +26,7 @@ DATA_KIND = {
     "bigmodel.data.TranslationDataModule": "pairs",
     "bigmodel.data.RegressionDataModule": "vectors",
     "bigmodel.data.ChatDataModule": "conversations",
+    "bigmodel.data.PreferenceDataModule": "preference pairs",
 }
 # a model fits a kind of data through its task and its net (a CNN on images, not on audio)
 NET_KIND = {

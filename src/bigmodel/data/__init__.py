@@ -8,6 +8,7 @@ from bigmodel.data.audio import AudioDataModule
 from bigmodel.data.base import DataModule
 from bigmodel.data.chat import ChatDataModule
 from bigmodel.data.image import ImageDataModule
+from bigmodel.data.preference import PreferenceDataModule
 from bigmodel.data.regression import RegressionDataModule
 from bigmodel.data.text import TextDataModule
 from bigmodel.data.text_stream import TextStreamDataModule
@@ -18,6 +19,7 @@ __all__ = [
     "ChatDataModule",
     "DataModule",
     "ImageDataModule",
+    "PreferenceDataModule",
     "RegressionDataModule",
     "TextDataModule",
     "TextStreamDataModule",

@@ -164,7 +164,7 @@ class ConversationData(DataModule):
             skipped: Counter = Counter()
             first: dict[str, str] = {}
             self.examples[name] = self.encode_rows(parts[name], skipped, first)
-            self._report(name, len(parts[name]), skipped, first)
+            self._report(name, len(parts[name]), len(self.examples[name]), skipped, first)
         for name in ("train", "val"):
             if self.splits[SPLITS.index(name)] > 0 and not self.examples[name]:
                 raise UserError(
@@ -206,14 +206,13 @@ class ConversationData(DataModule):
         """A row's whole conversation (for training a tokenizer on)."""
         return chat_messages(row)
 
-    def _report(self, split: str, total: int, skipped: Counter, first: dict) -> None:
+    def _report(self, split: str, total: int, kept: int, skipped: Counter, first: dict) -> None:
         if not skipped:
             return
         parts = [f"{n} {reason} (first: {first[reason]})" for reason, n in skipped.most_common()]
-        dropped = sum(n for r, n in skipped.items() if not r.startswith("truncated"))
         log.warning(
             f"data.path={self.path}, {split} split: of {total} {self.unit}, "
-            f"{dropped} skipped; " + "; ".join(parts)
+            f"{total - kept} skipped; " + "; ".join(parts)
         )
 
     # ----------------------------------------------------------------------------- encoding

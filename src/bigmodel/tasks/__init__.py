@@ -5,7 +5,16 @@ from bigmodel.tasks.base import Task
 from bigmodel.tasks.chat import ChatModel
 from bigmodel.tasks.classification import Classifier
 from bigmodel.tasks.language_model import LanguageModel
+from bigmodel.tasks.preference import PreferenceModel
 from bigmodel.tasks.regression import Regressor
 from bigmodel.tasks.seq2seq import Seq2Seq
 
-__all__ = ["ChatModel", "Classifier", "LanguageModel", "Regressor", "Seq2Seq", "Task"]
+__all__ = [
+    "ChatModel",
+    "Classifier",
+    "LanguageModel",
+    "PreferenceModel",
+    "Regressor",
+    "Seq2Seq",
+    "Task",
+]
