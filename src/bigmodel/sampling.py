@@ -40,10 +40,13 @@ def next_token(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
     """Logits of the last position (B, V) -> the next id of each row (B, 1).
 
-    temperature=0 is greedy (the most likely token, top_k unused); top_k=None samples from all.
+    temperature=0 is greedy (the most likely token; top_k, top_p unused); top_k=None samples
+    from all; top_p keeps the smallest set of most likely tokens whose probability reaches it
+    (nucleus sampling), after top_k.
     """
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
@@ -51,13 +54,20 @@ def next_token(
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = F.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        # drop a token when the ones before it already reach top_p (the first always stays)
+        drop_sorted = (cumulative - F.softmax(sorted_logits, dim=-1)) >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
 @torch.no_grad()
 def generate(
-    logits_of: Callable[[torch.Tensor], torch.Tensor],
+    logits_of: Callable[..., torch.Tensor],
     idx: torch.Tensor,
     max_new_tokens: int,
     block_size: int,
@@ -65,17 +75,65 @@ def generate(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     on_token: Callable[[torch.Tensor], None] | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Extend each row of idx (B, T) by max_new_tokens ids -> (B, T + max_new_tokens).
+    """Extend each row of idx (B, T) by up to max_new_tokens ids -> (B, T + n).
 
-    logits_of: token ids (B, t) -> logits (B, t, V), e.g. a language net. Each step sees the last
-    `block_size` ids (the context the model was trained for). on_token(idx) is called after each
-    step with every id so far (streaming).
+    logits_of: token ids (B, t) -> logits (B, t, V), e.g. a language net. A net with
+    `new_cache(batch, size)` (bigmodel.nets.GPT) decodes from a key/value cache: the prompt runs
+    once, then each step runs the new token only. Past `block_size` ids (the context the model
+    was trained for), and for a plain function throughout, each step runs over the last
+    `block_size` ids. on_token(idx) is called after each step with every id so far (streaming).
+
+    eos_id: a row that emits it is finished (it gets eos_id after, as padding); decoding stops
+    when every row is. pad_mask (B, T): True at the real tokens of left-padded prompts (a batch
+    of prompts of different lengths); each row decodes as it would alone.
     """
     check_sampling(temperature, top_k, max_new_tokens)
-    for _ in range(max_new_tokens):
-        logits = logits_of(idx[:, -block_size:])[:, -1, :]  # (B, V)
-        idx = torch.cat([idx, next_token(logits, temperature, top_k, generator)], dim=1)
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"top_p={top_p} must be in (0, 1]; 1 (or null) keeps every token")
+    if max_new_tokens == 0:
+        return idx
+    cached = hasattr(logits_of, "new_cache")
+    if pad_mask is not None and not cached:
+        raise ValueError("left-padded prompts need a net that takes pad_mask (a cached net)")
+    B = idx.shape[0]
+    done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
+    cache = None
+    if cached and idx.shape[1] < block_size:
+        cache = logits_of.new_cache(B, min(block_size, idx.shape[1] + max_new_tokens))
+        logits = logits_of(idx, cache=cache, pad_mask=pad_mask)[:, -1, :]  # (B, V) prefill
+    else:
+        logits = _window(logits_of, idx, block_size, pad_mask)
+    for step in range(max_new_tokens):
+        token = next_token(logits, temperature, top_k, generator, top_p)  # (B, 1)
+        if eos_id is not None:
+            token = token.masked_fill(done, eos_id)
+            done = done | (token == eos_id)
+        idx = torch.cat([idx, token], dim=1)
+        if pad_mask is not None:
+            pad_mask = torch.cat([pad_mask, torch.ones_like(token, dtype=pad_mask.dtype)], 1)
         if on_token is not None:
             on_token(idx)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        if cache is not None and cache.length < cache.size:
+            logits = logits_of(token, cache=cache, pad_mask=pad_mask)[:, -1, :]  # (B, V)
+        else:  # the context is full: the last block_size ids, run whole (as without a cache)
+            cache = None
+            logits = _window(logits_of, idx, block_size, pad_mask)
     return idx
+
+
+def _window(
+    logits_of: Callable[..., torch.Tensor],
+    idx: torch.Tensor,
+    block_size: int,
+    pad_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Logits of the next token (B, V) from the last block_size ids, run whole."""
+    if pad_mask is None:
+        return logits_of(idx[:, -block_size:])[:, -1, :]
+    return logits_of(idx[:, -block_size:], pad_mask=pad_mask[:, -block_size:])[:, -1, :]

@@ -131,9 +131,12 @@ class Runner:
                 stream(text[len(shown) :])
                 shown = text
 
+        net = self.bundle.net
+        # PyTorch decodes from the net's key/value cache; an ONNX graph runs the window each step
+        cached = self.engine != "onnx" and hasattr(net, "new_cache")
         idx = generate(
-            self.all_logits,
-            torch.tensor([ids], dtype=torch.long),  # (1, T)
+            net if cached else self.all_logits,
+            torch.tensor([ids], dtype=torch.long, device=self.device if cached else "cpu"),
             max_new_tokens,
             self.prep["block_size"],
             temperature,
@@ -141,7 +144,7 @@ class Runner:
             g,
             on_token=show if stream is not None else None,
         )
-        return tok.decode(idx[0, skip:].tolist())
+        return tok.decode(idx[0, skip:].tolist())  # (1, T + n) ids, on any device
 
     # -------------------------------------------------------------------------- translation
     def translate(self, texts: list[str], beam_size: int = 1) -> list[str]:

@@ -12,6 +12,12 @@ Pre-norm blocks, causal self-attention through `scaled_dot_product_attention` (f
 efficient kernels where the device has them), GPT-2 init. Queries, keys and values come from one
 fused projection (`attn.qkv`) and a gated MLP's gate and up projections from one (`mlp.fc`): one
 matmul each, and the names GPT-2 checkpoints already use.
+
+Decoding runs from a key/value cache (`KVCache`, `GPT.new_cache`): the prompt is run once
+(prefill) and each new token attends to the keys and values the cache holds, instead of running
+the model over the whole prefix again. A batch of prompts of different lengths is left-padded;
+`pad_mask` says which positions are real, and each row's positions count its own tokens only, so
+that every row decodes as it would alone.
 """
 
 from __future__ import annotations
@@ -180,10 +186,46 @@ def inv_frequencies(cfg: GPTConfig, device: torch.device | None = None) -> torch
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on x (B, nh, T, hs), with the two halves of each head as the pairs (the layout of
-    Hugging Face's Llama weights); cos, sin (T, hs)."""
+    Hugging Face's Llama weights); cos, sin (T, hs), or (B, 1, T, hs) for per-row positions."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # fp32 angles, rounded as Hugging Face does
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """The keys and values of every layer for up to `size` positions of a batch, allocated once
+    (a static cache: no reallocation per token). Holds (n_layer, B, n_kv_head, size, head_dim)
+    each, so grouped-query models keep only the key/value heads they have: 2 x n_layer x
+    n_kv_head x head_dim values per token."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_kv_head: int,
+        size: int,
+        head_dim: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        shape = (n_layer, batch, n_kv_head, size, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.size, self.length = size, 0  # positions held; the model advances `length`
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, nkv, T, hs) after the `length` positions held -> all keys and values
+        of the layer so far, (B, nkv, length + T, hs) each."""
+        end = self.length + k.shape[2]
+        if end > self.size:
+            raise ValueError(f"the cache holds {self.size} positions; {end} were asked")
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+    def bytes_per_token(self) -> int:
+        n_layer, batch, n_kv, _, hs = self.k.shape
+        return 2 * n_layer * n_kv * hs * self.k.element_size()
 
 
 class CausalSelfAttention(nn.Module):
@@ -203,7 +245,16 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[KVCache, int] | None = None,
+        mask: torch.Tensor | None = None,
+    ):
+        """cache: (the cache, this layer's index) to append this step's keys and values to and
+        attend over; mask: (B or 1, 1, T, S) True where a query may attend a key (None: causal
+        over the T positions, or every cached key for one new token)."""
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = q.view(B, T, self.n_head, self.head_dim)  # (B, T, nh, hs)
@@ -215,7 +266,12 @@ class CausalSelfAttention(nn.Module):
         if rope is not None:
             q, k = rotate(q, *rope), rotate(k, *rope)
         dropout = self.dropout if self.training else 0.0
-        y = sdpa(q, k, v, is_causal=True, dropout_p=dropout)  # (B, nh, T, hs)
+        # causal over the T positions: no cache, or the prefill of an empty one (a Python bool,
+        # which graph export needs; one new token over a cache attends to every key)
+        causal = mask is None and (cache is None or cache[0].length == 0)
+        if cache is not None:
+            k, v = cache[0].append(cache[1], k, v)  # (B, nkv, S, hs), S = cached + T
+        y = sdpa(q, k, v, mask=mask, is_causal=causal, dropout_p=dropout)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return self.resid_dropout(self.proj(y))
 
@@ -255,8 +311,14 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None):
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: tuple[KVCache, int] | None = None,
+        mask: torch.Tensor | None = None,
+    ):
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -334,34 +396,106 @@ class GPT(nn.Module):
         return 6 * self.num_params() + 12 * cfg.n_layer * cfg.n_head * cfg.dim_per_head * T
 
     def rope(self, T: int, device: torch.device, dtype: torch.dtype):
-        """cos, sin (T, head_dim) of the rotary positions 0..T-1; None for learned positions.
+        """cos, sin (T, head_dim) of the rotary positions 0..T-1; None for learned positions."""
+        return self.rope_at(torch.arange(T, device=device), dtype)
+
+    def rope_at(self, positions: torch.Tensor, dtype: torch.dtype):
+        """cos, sin (..., T, head_dim) of the rotary positions (..., T); None for learned ones.
 
         Computed in fp32 from the config at each call (a few hundred numbers): no buffer that a
         cast to bf16 would round, nothing in the state dict.
         """
         if self.config.positions != "rotary":
             return None
-        freqs = torch.outer(
-            torch.arange(T, device=device).float(), inv_frequencies(self.config, device)
-        )  # (T, hs / 2)
-        angles = torch.cat((freqs, freqs), dim=-1)  # (T, hs): one angle per pair of halves
-        return angles.cos().to(dtype), angles.sin().to(dtype)  # (T, hs) each
+        inv = inv_frequencies(self.config, positions.device)
+        freqs = positions.float().unsqueeze(-1) * inv  # (..., T, hs / 2)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (..., T, hs): one angle per pair of halves
+        return angles.cos().to(dtype), angles.sin().to(dtype)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch: int, size: int, device=None, dtype=None) -> KVCache:
+        """An empty key/value cache for `batch` rows of up to `size` positions (<= block_size),
+        in the dtype of the net's weights unless told."""
+        cfg = self.config
+        if size > cfg.block_size:
+            raise ValueError(f"a cache of {size} positions exceeds block_size {cfg.block_size}")
+        weight = self.wte.weight
+        return KVCache(
+            cfg.n_layer,
+            batch,
+            cfg.kv_heads,
+            size,
+            cfg.dim_per_head,
+            device or weight.device,
+            dtype or weight.dtype,
+        )
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        pad_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """idx (B, T) -> logits (B, T, vocab_size).
+
+        cache: a KVCache holding the positions before idx; their keys and values are attended
+        to and idx's are appended (its length advances by T). pad_mask (B, cached + T): True at
+        the real tokens of left-padded rows; each row's positions count its real tokens only.
+        """
         B, T = idx.shape
-        if self.config.block_size < T:
-            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        past = cache.length if cache is not None else 0
+        if self.config.block_size < past + T:
+            raise ValueError(
+                f"sequence length {past + T} exceeds block_size {self.config.block_size}"
+            )
         x = self.wte(idx)  # (B, T, C)
+        mask = None
+        if cache is None and pad_mask is None:  # training and scoring: the plain causal path
+            positions = torch.arange(T, device=idx.device)
+        else:
+            positions, mask = self._positions_and_mask(B, T, past, pad_mask, idx.device)
         if hasattr(self, "wpe"):
-            x = x + self.wpe(torch.arange(T, device=idx.device))
+            x = x + self.wpe(positions)
         x = self.drop(x)
-        rope = self.rope(T, idx.device, x.dtype)
-        for block in self.blocks:
+        rope = self.rope_at(positions, x.dtype)
+        if rope is not None and positions.dim() == 2:  # per-row positions: (B, 1, T, hs)
+            rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
+        for i, block in enumerate(self.blocks):
+            layer_cache = (cache, i) if cache is not None else None
             if self.config.activation_checkpointing and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, layer_cache, mask, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, layer_cache, mask)
+        if cache is not None:
+            cache.length = past + T
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+    @staticmethod
+    def _positions_and_mask(
+        B: int, T: int, past: int, pad_mask: torch.Tensor | None, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Positions of the T new tokens, (T,) or (B, T) per row, and the attention mask over
+        the past + T keys, (B or 1, 1, T, past + T), or None where SDPA's own causal flag (a
+        prefill) or no mask (one new token) says it."""
+        S = past + T
+        if pad_mask is None:
+            positions = torch.arange(past, S, device=device)
+            if T == 1 or past == 0:
+                return positions, None
+            keys = torch.arange(S, device=device)
+            return positions, (keys[None, :] <= positions[:, None])[None, None]  # (1, 1, T, S)
+        if pad_mask.shape != (B, S):
+            raise ValueError(f"pad_mask is {tuple(pad_mask.shape)}; ({B}, {S}) expected")
+        real = pad_mask.bool()
+        all_positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
+        positions = all_positions[:, past:]  # (B, T)
+        query = torch.arange(past, S, device=device)  # (T,) absolute index of each query
+        keys = torch.arange(S, device=device)
+        causal = keys[None, :] <= query[:, None]  # (T, S)
+        mask = causal[None] & real[:, None, :]  # (B, T, S): real keys, not the future
+        # a padding query attends to itself only: no row of the mask is empty (SDPA would give
+        # NaN, and NaN values times a zero weight spread to the real rows)
+        mask = mask | (keys[None, :] == query[:, None])[None]
+        return positions, mask.unsqueeze(1)  # (B, 1, T, S)
 
     @torch.no_grad()
     def generate(

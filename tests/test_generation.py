@@ -1,0 +1,106 @@
+"""Decoding from a key/value cache: the tokens transformers' generate gives, the tokens the
+model gives without a cache, and a batch of prompts of different lengths decoded as each alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bigmodel.nets import GPT
+from bigmodel.sampling import generate, next_token
+from tests.test_hf_families import CASES, hf_model, ours, random_ids, write_model
+
+transformers = pytest.importorskip("transformers")
+
+NEW = 256
+
+
+def uncached(net: GPT):
+    """The net as a plain function of token ids: every step runs the whole window again."""
+    return lambda idx, **kw: net(idx, **kw)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_from_the_cache_is_transformers_greedy(tmp_path, case):
+    folder = write_model(tmp_path / case, case, positions=NEW + 32)
+    net, model = ours(folder), hf_model(folder)
+    idx = random_ids(net.config.vocab_size, (2, 16))
+    mine = net.generate(idx, NEW, temperature=0)
+    theirs = model.generate(
+        idx,
+        attention_mask=torch.ones_like(idx),
+        max_new_tokens=NEW,
+        min_new_tokens=NEW,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    assert mine.shape == (2, 16 + NEW)
+    assert torch.equal(mine, theirs), (mine != theirs).nonzero()[:5]
+
+
+@pytest.mark.parametrize("kind", ["learned", "rotary"])
+def test_the_cache_gives_the_uncached_tokens_past_the_context_too(kind):
+    """Greedy and seeded sampling alike, over more tokens than the context holds (the cache
+    fills, then each step runs the last block_size ids, as without one)."""
+    torch.manual_seed(0)
+    extra = {"positions": "rotary", "norm": "rmsnorm", "mlp": "swiglu", "n_kv_head": 1}
+    net = GPT(vocab_size=50, block_size=24, n_layer=2, n_head=2, n_embd=16,
+              **(extra if kind == "rotary" else {})).eval()  # fmt: skip
+    idx = torch.randint(0, 50, (3, 5), generator=torch.Generator().manual_seed(1))
+    for temperature in (0.0, 1.0):
+        a = generate(net, idx, 60, 24, temperature, generator=torch.Generator().manual_seed(2))
+        b = generate(uncached(net), idx, 60, 24, temperature,
+                     generator=torch.Generator().manual_seed(2))  # fmt: skip
+        assert torch.equal(a, b), temperature
+
+
+@pytest.mark.parametrize("case", ["llama-tied-gqa", "gpt2"])
+def test_a_left_padded_batch_decodes_each_prompt_as_alone(tmp_path, case):
+    net = ours(write_model(tmp_path / case, case, positions=128))
+    prompts = [random_ids(net.config.vocab_size, (1, n), seed=n)[0] for n in (3, 11, 7)]
+    width = max(len(p) for p in prompts)
+    idx = torch.zeros(len(prompts), width, dtype=torch.long)
+    pad_mask = torch.zeros(len(prompts), width, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        idx[i, width - len(p) :], pad_mask[i, width - len(p) :] = p, True
+    batched = generate(net, idx, 40, net.block_size, 0.0, pad_mask=pad_mask)
+    for i, p in enumerate(prompts):
+        alone = generate(net, p[None], 40, net.block_size, 0.0)
+        assert torch.equal(batched[i, width:], alone[0, len(p) :]), i
+
+
+def test_top_p_samples_only_from_the_nucleus():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]])
+    probs = torch.softmax(logits, -1)[0]
+    # the nucleus for 0.8: the most likely tokens until their probability reaches 0.8
+    order = probs.argsort(descending=True)
+    nucleus, total = set(), 0.0
+    for t in order.tolist():
+        nucleus.add(t)
+        total += probs[t].item()
+        if total >= 0.8:
+            break
+    g = torch.Generator().manual_seed(0)
+    drawn = {next_token(logits, 1.0, None, g, top_p=0.8).item() for _ in range(2000)}
+    assert drawn == nucleus == {0, 1}
+    assert next_token(logits, 1.0, None, g, top_p=1e-6).item() == 0  # only the most likely
+
+
+def test_decoding_stops_when_every_row_has_emitted_eos():
+    torch.manual_seed(0)
+    net = GPT(vocab_size=20, block_size=64, n_layer=1, n_head=2, n_embd=16).eval()
+    idx = torch.randint(0, 20, (2, 4), generator=torch.Generator().manual_seed(3))
+    free = generate(net, idx, 30, 64, 0.0)
+    eos = int(free[0, 6])  # the third token row 0 emits: make it the end of text
+    out = generate(net, idx, 30, 64, 0.0, eos_id=eos)
+    row0 = out[0, 4:].tolist()
+    assert row0[: row0.index(eos) + 1] == free[0, 4 : 4 + row0.index(eos) + 1].tolist()
+    assert all(t == eos for t in row0[row0.index(eos) :])  # finished: padded with eos
+    assert out.shape[1] <= free.shape[1]
+
+
+def test_the_cache_holds_only_the_key_value_heads():
+    net = GPT(vocab_size=20, block_size=64, n_layer=3, n_head=8, n_embd=64, n_kv_head=2)
+    cache = net.new_cache(batch=1, size=64)
+    assert tuple(cache.k.shape) == (3, 1, 2, 64, 8)
+    assert cache.bytes_per_token() == 2 * 3 * 2 * 8 * 4
