@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from bigmodel.tasks.preference import dpo_loss, orpo_loss, simpo_loss
-from tests.chat_fixtures import write_chat_model, write_preference_rows
+from tests.chat_fixtures import write_chat_model, write_chat_rows, write_preference_rows
 from tests.conftest import run_cli, run_dirs
 from tests.test_resume import EVERY_STEP, assert_same_end, resume
 
@@ -173,3 +173,44 @@ def test_bad_preference_rows_are_counted_and_chosen_equal_to_rejected_is_refused
     assert "1 malformed reply (first: prefs.jsonl line 2: chosen holds a turn" in warning
     assert "1 unknown layout (first: prefs.jsonl line 3" in warning
     assert "1 unknown role (first: prefs.jsonl line 4: role 'narrator')" in warning
+
+
+def test_dpo_from_an_sft_checkpoint_keeps_its_template_and_eval_scores_against_the_reference(
+    tmp_path,
+):
+    """Pre-trained folder -> SFT checkpoint -> DPO from that checkpoint (its tokenizer and chat
+    template come with it) -> eval.py, which scores against the reference the checkpoint carries:
+    the figures of the run's own test of the same checkpoint."""
+    folder = write_chat_model(tmp_path / "model", "llama")
+    chat = write_chat_rows(tmp_path / "chat.jsonl", n=20)
+    short = ["trainer.max_steps=2", "trainer.val_check_interval=2", "test=false"]
+    run_cli(
+        "train.py",
+        "experiment=sft",
+        f"model.init_from={folder}",
+        f"data.path={chat}",
+        *short,
+        cwd=tmp_path,
+        env=ONE_THREAD,
+    )
+    (sft,) = run_dirs(tmp_path)
+    args = dpo_args(tmp_path, "trainer.max_steps=4")
+    args = [a for a in args if not a.startswith(("model.init_from", "test="))]
+    proc = run_cli(
+        "train.py",
+        *args,
+        f"model.init_from={sft / 'checkpoints' / 'last.ckpt'}",
+        "callbacks.model_checkpoint.monitor=step",  # the best checkpoint is the last
+        "callbacks.model_checkpoint.mode=max",
+        cwd=tmp_path,
+        env=ONE_THREAD,
+    )
+    assert "chat template: the tokenizer's own" in proc.stdout + proc.stderr
+    dpo = sorted(set(run_dirs(tmp_path)) - {sft})[0]
+    trained = json.loads((dpo / "metrics.json").read_text())
+    assert trained["test/rewards_margin"] != 0  # measured against the starting weights
+    run_cli("eval.py", f"ckpt_path={dpo / 'checkpoints' / 'last.ckpt'}", cwd=tmp_path)
+    (evaluated,) = run_dirs(tmp_path, "eval")
+    scores = json.loads((evaluated / "metrics.json").read_text())
+    for key in ("test/loss", "test/rewards_margin", "test/rewards_accuracy"):
+        assert scores[key] == pytest.approx(trained[key], rel=1e-6), key

@@ -161,9 +161,14 @@ def prepare_data(cfg: DictConfig, datamodule: Any) -> None:
         return
     from bigmodel.pretrained.transfer import read_checkpoint, saved_tokenizer
 
-    tokenizer = saved_tokenizer(read_checkpoint(init))
+    ckpt = read_checkpoint(init)
+    tokenizer = saved_tokenizer(ckpt)
     if tokenizer is not None and hasattr(datamodule, "tokenizer"):
-        datamodule.load_state_dict({"tokenizer": tokenizer})
+        state = {"tokenizer": tokenizer}
+        for key, value in ckpt.items():  # a chat template travels with its tokenizer
+            if key.endswith("DataModule") and isinstance(value, dict) and "chat_template" in value:
+                state["chat_template"] = value["chat_template"]
+        datamodule.load_state_dict(state)
 
 
 # -------------------------------------------------------------------------------- the net

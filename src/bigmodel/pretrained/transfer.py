@@ -43,11 +43,12 @@ def read_checkpoint(path: str | Path) -> dict:
 
 
 def check_family(saved: dict, model_cfg: Any, path: str | Path) -> None:
-    """The checkpoint's task and net classes are this run's."""
+    """The checkpoint's net class is this run's (its task may differ: a language model's decoder
+    goes on to chat fine-tuning, and that one's to preference tuning)."""
     net = model_cfg.get("net") or {}
     ours = (model_cfg.get("_target_"), net.get("_target_"))
     theirs = (saved.get("_target_"), (saved.get("net") or {}).get("_target_"))
-    if ours != theirs:
+    if ours[1] != theirs[1]:
         raise UserError(
             f"model.init_from={path} is a {theirs[1]} ({theirs[0]}), but this run builds a "
             f"{ours[1]} ({ours[0]}); start from a checkpoint of the same model= family"
