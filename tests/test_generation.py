@@ -104,3 +104,30 @@ def test_the_cache_holds_only_the_key_value_heads():
     cache = net.new_cache(batch=1, size=64)
     assert tuple(cache.k.shape) == (3, 1, 2, 64, 8)
     assert cache.bytes_per_token() == 2 * 3 * 2 * 8 * 4
+
+
+def test_a_batch_of_requests_decodes_each_as_alone(trained):
+    """serve.py's batches: prompts of different lengths and settings (greedy, seeded samples,
+    top-k) decoded together give each request's text alone; a bad one is refused alone."""
+    from bigmodel.deploy.bundle import from_checkpoint
+    from bigmodel.deploy.inputs import BadInput
+    from bigmodel.deploy.runtime import Runner
+
+    runner = Runner(from_checkpoint(str(trained("lm") / "checkpoints" / "last.ckpt")))
+    requests = [
+        {"prompt": "The ", "max_new_tokens": 12, "temperature": 0.0, "top_k": None, "seed": None},
+        {"prompt": "", "max_new_tokens": 5, "temperature": 0.9, "top_k": 5, "seed": 3},
+        {"prompt": "And so it was", "max_new_tokens": 9, "temperature": 1.0, "top_k": None,
+         "seed": 7},
+        {"prompt": "日本", "max_new_tokens": 4, "temperature": 0.0, "top_k": None, "seed": None},
+        {"prompt": "a", "max_new_tokens": 0, "temperature": 0.0, "top_k": None, "seed": None},
+    ]  # fmt: skip
+    together = runner.generate_many(requests)
+    for req, text in zip(requests, together, strict=True):
+        if req["prompt"] == "日本":
+            assert isinstance(text, BadInput) and "not in the character vocabulary" in str(text)
+            continue
+        alone = runner.generate(
+            req["prompt"], req["max_new_tokens"], req["temperature"], req["top_k"], req["seed"]
+        )
+        assert text == alone, (req, text, alone)

@@ -10,6 +10,8 @@ engine.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -137,3 +139,61 @@ def _window(
     if pad_mask is None:
         return logits_of(idx[:, -block_size:])[:, -1, :]
     return logits_of(idx[:, -block_size:], pad_mask=pad_mask[:, -block_size:])[:, -1, :]
+
+
+@dataclass
+class RowSampling:
+    """How one row of a batch is decoded (each request of a server batch has its own)."""
+
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+
+@torch.no_grad()
+def generate_rows(
+    net: Any, prompts: list[list[int]], rows: list[RowSampling], block_size: int
+) -> list[list[int]]:
+    """Several prompts decoded together from one key/value cache: left-padded to one batch,
+    one forward per step for all, each row sampled with its own settings and generator and
+    stopped at its own max_new_tokens -> each row's new ids.
+
+    Every row decodes as it would alone (`generate` of that prompt, same settings and seed),
+    up to the rounding of a batched matmul. The batch must fit the context: prompt lengths plus
+    new tokens at most block_size (the caller decodes the others alone).
+    """
+    width = max(len(p) for p in prompts)
+    steps = max(r.max_new_tokens for r in rows)
+    if width + steps > block_size:
+        raise ValueError(f"{width} + {steps} positions exceed block_size {block_size}")
+    for r in rows:
+        check_sampling(r.temperature, r.top_k, r.max_new_tokens)
+    device = net.wte.weight.device if hasattr(net, "wte") else None
+    B = len(prompts)
+    idx = torch.zeros(B, width, dtype=torch.long, device=device)
+    pad_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        idx[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        pad_mask[i, width - len(p) :] = True
+    gens = [
+        torch.Generator(device=device or "cpu").manual_seed(r.seed) if r.seed is not None else None
+        for r in rows
+    ]
+    out: list[list[int]] = [[] for _ in rows]
+    if steps == 0:
+        return out
+    cache = net.new_cache(B, width + steps)
+    logits = net(idx, cache=cache, pad_mask=pad_mask)[:, -1, :]  # (B, V)
+    for step in range(steps):
+        tokens = torch.zeros(B, 1, dtype=torch.long, device=idx.device)
+        for i, r in enumerate(rows):
+            if step < r.max_new_tokens:  # a finished row feeds a token nobody reads
+                tokens[i] = next_token(logits[i : i + 1], r.temperature, r.top_k, gens[i], r.top_p)
+                out[i].append(int(tokens[i]))
+        if step == steps - 1:
+            break
+        pad_mask = torch.cat([pad_mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+        logits = net(tokens, cache=cache, pad_mask=pad_mask)[:, -1, :]
+    return out

@@ -17,7 +17,7 @@ from bigmodel.deploy.graphs import torch_graph
 from bigmodel.deploy.inputs import BadInput
 from bigmodel.deploy.onnx import run_session, session
 from bigmodel.errors import UserError
-from bigmodel.sampling import generate
+from bigmodel.sampling import RowSampling, generate, generate_rows
 
 ENGINES = ("auto", "torch", "onnx")
 
@@ -145,6 +145,48 @@ class Runner:
             on_token=show if stream is not None else None,
         )
         return tok.decode(idx[0, skip:].tolist())  # (1, T + n) ids, on any device
+
+    def generate_many(self, requests: list[dict]) -> list[str | BadInput]:
+        """Several requests ({prompt, max_new_tokens, temperature, top_k, seed}) -> each one's
+        text, or the BadInput that refuses it, in order.
+
+        On PyTorch they are decoded together from one key/value cache (one forward per step for
+        the batch, bigmodel.sampling.generate_rows) when they fit the context; otherwise, and on
+        ONNX Runtime, one after another. Each gives the text it would alone.
+        """
+        results: list[str | BadInput] = [BadInput("not decoded")] * len(requests)
+        todo: list[tuple[int, list[int], dict]] = []
+        for i, req in enumerate(requests):
+            try:
+                todo.append((i, self.encode_prompt(req["prompt"]), req))
+            except BadInput as e:
+                results[i] = e
+        net, block = self.bundle.net, self.prep["block_size"]
+        fits = (
+            bool(todo)
+            and max(len(ids) for _, ids, _ in todo)
+            + max(req["max_new_tokens"] for _, _, req in todo)
+            <= block
+        )
+        if len(todo) > 1 and fits and self.engine != "onnx" and hasattr(net, "new_cache"):
+            rows = [
+                RowSampling(r["max_new_tokens"], r["temperature"], r["top_k"], None, r["seed"])
+                for _, _, r in todo
+            ]
+            new = generate_rows(net, [ids for _, ids, _ in todo], rows, block)
+            for (i, ids, req), ids_new in zip(todo, new, strict=True):
+                skip = 0 if req["prompt"] else 1  # an empty prompt: the start token, left out
+                results[i] = self.bundle.tokenizer.decode((ids + ids_new)[skip:])
+            return results
+        for i, _, req in todo:
+            try:
+                results[i] = self.generate(
+                    req["prompt"], req["max_new_tokens"], req["temperature"], req["top_k"],
+                    req["seed"],
+                )  # fmt: skip
+            except BadInput as e:
+                results[i] = e
+        return results
 
     # -------------------------------------------------------------------------- translation
     def translate(self, texts: list[str], beam_size: int = 1) -> list[str]:

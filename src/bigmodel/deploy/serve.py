@@ -145,19 +145,10 @@ class ModelAPI(ls.LitAPI):
             )
             for i, t in zip(ok, texts, strict=True):
                 out[i] = t
-        elif ok:  # language model: each prompt on its own (rows of one batch differ in length)
-            for i in ok:
-                req = items[i]
-                try:
-                    out[i] = self.runner.generate(
-                        req["prompt"],
-                        req["max_new_tokens"],
-                        req["temperature"],
-                        req["top_k"],
-                        req["seed"],
-                    )
-                except BadInput as e:
-                    out[i] = Invalid(422, str(e))
+        elif ok:  # language model: the batch's prompts decoded together, each as it would alone
+            texts = self.runner.generate_many([items[i] for i in ok])
+            for i, t in zip(ok, texts, strict=True):
+                out[i] = Invalid(422, str(t)) if isinstance(t, BadInput) else t
         return self._one_or_many(out)
 
     def encode_response(self, y) -> Any:
