@@ -23,6 +23,7 @@ DATA_KIND = {
     "bigmodel.data.ImageDataModule": "images",
     "bigmodel.data.AudioDataModule": "audio",
     "bigmodel.data.TextDataModule": "text",
+    "bigmodel.data.TextStreamDataModule": "text",
     "bigmodel.data.TranslationDataModule": "pairs",
     "bigmodel.data.RegressionDataModule": "vectors",
     "bigmodel.data.ChatDataModule": "conversations",
