@@ -182,10 +182,15 @@ def test_prepare_killed_mid_way_continues_to_the_same_shards(tmp_path):
 
 
 # ---------------------------------------------------------------------------- exact resume
-@pytest.mark.slow  # three trainings
-def test_streamed_training_resumes_bitwise_mid_epoch_and_at_the_epoch_boundary(tmp_path):
+@pytest.mark.slow  # three trainings each
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["data.num_workers=2"], ["trainer=ddp_cpu"]],
+    ids=["one-process", "two-loader-workers", "ddp-two-ranks"],
+)
+def test_streamed_training_resumes_bitwise_mid_epoch_and_at_the_epoch_boundary(tmp_path, extra):
     prepare(tmp_path, f"source={corpus(tmp_path)}", "out=shards", "workers=2", *SMALL)
-    args = [*stream_args("shards", steps=30), "trainer.val_check_interval=10", EVERY_STEP]
+    args = [*stream_args("shards", steps=30), "trainer.val_check_interval=10", EVERY_STEP, *extra]
     run_cli("train.py", *args, cwd=tmp_path, env=ONE_THREAD)
     (full,) = run_dirs(tmp_path)
     end = load(full / "checkpoints" / "last.ckpt")

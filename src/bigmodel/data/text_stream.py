@@ -12,8 +12,8 @@ per epoch), gives each DDP rank and each loader worker its own part, and keeps t
 the stream in the loader's state: Lightning saves it in checkpoints, so a resumed run reads the
 windows the stopped one had not read yet, bit for bit.
 
-Validation holds out `val_fraction` of the windows (whole chunks, taken by litdata's
-`train_test_split` with the run's seed), or reads another shard folder (`val_path`). `test` (what
+Validation holds out whole shards holding at least `val_fraction` of the windows (drawn with the
+run's seed), or reads another shard folder (`val_path`). `test` (what
 eval.py scores) is the validation set.
 
 Before training, every chunk the index lists is checked to be there at its size (a missing or
@@ -111,6 +111,22 @@ def _loader_class():
     return ShardLoader
 
 
+def held_out(per_chunk: dict[str, int], fraction: float, seed: int) -> set[str]:
+    """Whole shards for validation, drawn in an order fixed by the seed until they hold at least
+    `fraction` of the windows (at least one shard, never all of them)."""
+    import random
+
+    names = sorted(per_chunk)
+    random.Random(seed).shuffle(names)
+    total, held, chosen = sum(per_chunk.values()), 0, set()
+    for name in names[:-1]:
+        if held >= fraction * total and chosen:
+            break
+        chosen.add(name)
+        held += per_chunk[name]
+    return chosen
+
+
 class TextStreamDataModule(DataModule):
     """Token shards (python -m bigmodel.prepare_data) -> (x, y) windows, streamed by litdata."""
 
@@ -160,6 +176,7 @@ class TextStreamDataModule(DataModule):
         self.max_cache_gb = max_cache_gb
         self.manifest: dict[str, Any] = {}
         self.windows: dict[str, int] = {}
+        self.val_chunks: set[str] = set()  # the shards of path held out for validation
 
     # ------------------------------------------------------------------------------ lifecycle
     def build(self) -> None:
@@ -185,8 +202,10 @@ class TextStreamDataModule(DataModule):
                 )
             self.windows = {"train": windows, "val": tokens_in(val_index, window)[1]}
         else:
-            held = int(windows * self.val_fraction)
-            self.windows = {"train": int(windows * (1 - self.val_fraction)), "val": held}
+            per_chunk = {c["filename"]: int(c["dim"]) // window for c in index["chunks"]}
+            self.val_chunks = held_out(per_chunk, self.val_fraction, self.seed)
+            held = sum(per_chunk[f] for f in self.val_chunks)
+            self.windows = {"train": windows - held, "val": held}
         for split in ("train", "val"):
             if self.windows[split] < 1:
                 where = self.val_path if split == "val" and self.val_path else self.path
@@ -194,7 +213,8 @@ class TextStreamDataModule(DataModule):
                     f"the {split} split of {where} "
                     f"has {self.windows[split]} windows of block_size + 1 = {window} tokens "
                     f"({tokens} tokens in all, cut into windows shard by shard); use a larger "
-                    "corpus, a smaller model.net.block_size, or change data.val_fraction"
+                    "corpus, a smaller model.net.block_size, smaller shards (prepare_data "
+                    "chunk_tokens=), another data.val_fraction, or data.val_path=SHARDS"
                 )
         unread = 1 - windows * window / max(tokens, 1)
         log.info(
@@ -244,14 +264,21 @@ class TextStreamDataModule(DataModule):
         return self._split(False, 1)
 
     def _split(self, shuffle: bool, which: int):
-        from litdata.utilities.train_test_split import train_test_split
+        """Training (0) or validation (1) shards of `path`: whole shards, as `held_out` chose.
 
+        litdata's own `train_test_split` can cut a shard between the two, and a cut shard read by
+        several loader workers with shuffling crashes them (litdata 0.2.44); whole shards do not.
+        """
         ds = self._streaming(self.path, shuffle)
         if self.val_path:
             return ds
-        f = float(self.val_fraction)
-        # the same chunks, whatever the shuffle: the partition depends on the seed alone
-        return train_test_split(ds, [1.0 - f, f], seed=self.seed)[which]
+        keep = [
+            i for i, f in enumerate(ds.subsampled_files) if (f in self.val_chunks) == (which == 1)
+        ]
+        ds.subsampled_files = [ds.subsampled_files[i] for i in keep]
+        ds.region_of_interest = [ds.region_of_interest[i] for i in keep]
+        ds.reset()
+        return ds
 
     # ---------------------------------------------------------------------------- dataloaders
     def _loader(self, dataset, seed: int):
