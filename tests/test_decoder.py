@@ -47,7 +47,7 @@ def test_a_checkpoint_of_the_gpt_before_computes_the_same():
     assert torch.equal(net.generate(want["idx"][:, :4], 8, temperature=0), want["greedy"])
 
 
-def test_a_checkpoint_of_the_gpt_before_evaluates_generates_exports_and_resumes(tmp_path):
+def test_a_checkpoint_of_the_gpt_before_evaluates_and_generates(tmp_path):
     ckpt = tmp_path / "old.ckpt"
     shutil.copy(OLD, ckpt)
     out = run_cli("eval.py", f"ckpt_path={ckpt}", cwd=tmp_path).stdout
@@ -61,6 +61,12 @@ def test_a_checkpoint_of_the_gpt_before_evaluates_generates_exports_and_resumes(
         cwd=tmp_path,
     )
     assert gen.stdout.startswith("def")
+
+
+@pytest.mark.slow  # an export that transformers loads, and a training run
+def test_a_checkpoint_of_the_gpt_before_exports_and_resumes(tmp_path):
+    ckpt = tmp_path / "old.ckpt"
+    shutil.copy(OLD, ckpt)
     run_cli("export.py", f"ckpt_path={ckpt}", "format=hf", f"out={tmp_path / 'hf'}", cwd=tmp_path)
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
