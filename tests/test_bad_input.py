@@ -124,6 +124,7 @@ CASES = [
     case("data", "train.py", "experiment=translation  loss=hinge", "loss=hinge (MultiMarginLoss) does not fit translation (a Seq2Seq takes CrossEntropyLoss): use loss=cross_entropy"),
     case("data", "train.py", "loss=mse", "loss=mse: a LanguageModel is trained with its own loss and takes none; leave loss=mse out", quick=True),
     case("data", "train.py", "data=digits", "data=digits is image classification, and model=gpt is a LanguageModel for language modelling: use model=cnn or model=vit", quick=True),
+    case("data", "train.py", "data=chat", "data=chat is chat conversations (loss on assistant turns), and model=gpt is a LanguageModel for language modelling: use experiment=sft", quick=True),
     case("data", "train.py", "data=translation", "data=translation is parallel sentences for translation, and model=gpt is a LanguageModel for language modelling: use model=seq2seq"),
     case("data", "train.py", "model=cnn", "data=text is language-modelling text, and model=cnn is a Classifier for classification: use model=gpt", quick=True),
     case("data", "train.py", "data=spoken_digits  model=cnn", "model=cnn needs model.net.in_channels, which data=spoken_digits (audio classification) does not give (it gives num_classes, sample_rate): use model=audio_cnn", quick=True),

@@ -46,7 +46,8 @@ def check_fit(cfg: DictConfig) -> None:
     if learning and data_learning and learning != data_learning:
         raise UserError(
             f"{data_name} is {summary}, and {model_name} is a {task_cls.__name__} for "
-            f"{learning}: {_models_for(cfg, data_cls) or 'pick data of its kind'}"
+            f"{learning}: "
+            + (_models_for(cfg, data_cls) or _experiments_for(cfg) or "pick data of its kind")
         )
     if declared is not None and any(k not in provides for k in needs):
         lacking = [k for k in needs if k not in provides]
@@ -150,3 +151,18 @@ def _models_for(cfg: DictConfig, data_cls: type) -> str:
         if declared is None or all(k in declared for k in needs if "." not in k):
             fitting.append(f"model={name}")
     return f"use {' or '.join(fitting)}" if fitting else ""
+
+
+def _experiments_for(cfg: DictConfig) -> str:
+    """`use experiment=sft`: the experiments built on this command's data option (their task is
+    set by the experiment, not by a model option)."""
+    if not HydraConfig.initialized():
+        return ""
+    data = HydraConfig.get().runtime.choices.get("data")
+    names = []
+    for name, path in _group_files("experiment").items():
+        with contextlib.suppress(Exception):
+            defaults = OmegaConf.load(path).get("defaults") or []
+            if any(isinstance(d, DictConfig) and d.get("override /data") == data for d in defaults):
+                names.append(f"experiment={name}")
+    return f"use {' or '.join(names)}" if names else ""
