@@ -53,12 +53,18 @@ CASES = {
             },
         ),
     ),
+    "llama-linear-rope-mqa": (
+        "LlamaConfig",
+        dict(num_key_value_heads=1, rope_scaling={"rope_type": "linear", "factor": 2.0}),
+    ),
     "qwen2-mqa": ("Qwen2Config", dict(num_key_value_heads=1, tie_word_embeddings=False)),
     "qwen3-tied-head-dim": (
         "Qwen3Config",
         dict(num_key_value_heads=2, head_dim=12, tie_word_embeddings=True, rope_theta=1e6),
     ),
     "mistral-gqa": ("MistralConfig", dict(num_key_value_heads=2, tie_word_embeddings=False)),
+    # a window shorter than the context: ours is capped there, where attention is still causal
+    "mistral-sliding-window": ("MistralConfig", dict(num_key_value_heads=2, sliding_window=16)),
     "gpt2": ("GPT2Config", dict(n_embd=32, n_layer=2, n_head=4, n_positions=64)),
 }
 
@@ -151,7 +157,9 @@ def test_parity_with_transformers_both_ways(tmp_path, case):
     # in: their weights in our net
     net = ours(folder)
     assert net.config.family == model.config.model_type
-    idx = random_ids(net.config.vocab_size)
+    if "sliding" in case:
+        assert net.config.block_size == 16  # the window, not max_position_embeddings (64)
+    idx = random_ids(net.config.vocab_size, (2, min(24, net.config.block_size)))
     with torch.no_grad():
         diff_in = (net(idx) - model(idx).logits).abs().max().item()
     assert greedy_matches(net, model, idx[:, :6])
