@@ -175,8 +175,13 @@ def test_prepare_killed_mid_way_continues_to_the_same_shards(tmp_path):
         proc.wait()
     state = json.loads(manifest.read_text())
     assert not state["complete"], "the kill came after the end: nothing was resumed"
+    kept = {f: f.stat().st_mtime_ns for f in (tmp_path / "killed").glob("chunk-*.bin")}
+    kept = {f: t for f, t in kept.items() if int(f.name[6:11]) in state["rounds_done"]}
+    assert kept, "no whole round before the kill"
     again = prepare(tmp_path, *args, "out=killed")
     assert "continuing" in again.stdout
+    # the rounds done before the kill are not done again
+    assert {f: f.stat().st_mtime_ns for f in kept} == kept
     assert shard_bytes(tmp_path / "killed") == shard_bytes(tmp_path / "whole")
     assert not (tmp_path / "killed" / ".staging").exists()
 
