@@ -126,6 +126,42 @@ def test_prepare_writes_litdata_shards_with_a_manifest_and_train_reads_them(tmp_
     assert ckpt["global_step"] == 4
 
 
+def test_jsonl_and_parquet_rows_are_documents_joined_with_the_end_of_text_token(tmp_path):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "rows"
+    src.mkdir()
+    docs = [TEXT[i * 300 : i * 300 + 100 + 37 * i] for i in range(6)]
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:3]))
+    pq.write_table(pa.table({"text": docs[3:], "id": [3, 4, 5]}), src / "b.parquet")
+    tok = train_tokenizer(tmp_path, corpus(tmp_path))
+    prepare(tmp_path, f"source={src}", "out=shards", f"tokenizer={tok}", "workers=1")
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    index = json.loads((tmp_path / "shards" / "index.json").read_text())
+    chunks = shard_bytes(tmp_path / "shards")
+    ids = np.concatenate(
+        [
+            np.frombuffer(b, np.uint16, offset=(2 + c["chunk_size"]) * 4)
+            for b, c in zip(chunks, index["chunks"], strict=True)
+        ]
+    ).tolist()
+    eos = manifest["eos_id"]
+    assert eos is not None and ids.count(eos) == 6 and ids[-1] == eos
+    from bigmodel.data.tokenizers import tokenizer_from_dict
+
+    bpe = tokenizer_from_dict(manifest["tokenizer"])
+    got, doc = [], []
+    for i in ids:
+        if i == eos:
+            got.append(bpe.decode(doc))
+            doc = []
+        else:
+            doc.append(i)
+    assert sorted(got) == sorted(docs)  # every row, whole, each ended by the token
+
+
 def test_a_changed_source_or_another_tokenizer_is_refused_by_prepare(tmp_path):
     src = corpus(tmp_path)
     prepare(tmp_path, f"source={src}", "out=shards", "workers=1", *SMALL)
