@@ -458,3 +458,51 @@ def test_lora_adapters_load_in_peft_over_their_base(tmp_path, case, targets):
         assert (got - hf_model(folder)(idx).logits).abs().max() > 1e-3  # the adapters count
     print(f"peft {case} {targets}: max |logit diff| {diff:.2e}")
     assert diff < 1e-4
+
+
+def test_init_from_a_peft_adapter_folder_starts_from_its_base_with_the_adapters_merged(tmp_path):
+    """model.init_from=ADAPTER_DIR (adapter_config.json over a base folder): the net is the base's,
+    its weights the base's with the adapters merged, the text tokenized with the base's
+    tokenizer."""
+    from bigmodel.pretrained import load_base
+    from bigmodel.pretrained.lora import LoRAConfig, apply_lora
+    from bigmodel.pretrained.peft_format import export_peft
+
+    folder = write_model(tmp_path / "base", "qwen2-mqa")
+    net = ours(folder)
+    apply_lora(net, LoRAConfig(rank=2, targets=["q", "v", "down"]))
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_b" in name:
+                p.normal_(0, 0.1)
+
+    class Run(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+            self.run_config = {"model": {"init_from": str(folder)}}
+
+    export_peft(Run(), tmp_path / "adapter")
+    fresh = GPT(**hf.net_config(folder))
+    load_base({"init_from": str(tmp_path / "adapter")}, fresh)
+    idx = random_ids(net.config.vocab_size)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(idx), net.eval()(idx), rtol=0, atol=1e-5)
+    text = write_text(tmp_path / "corpus.txt", 5_000)
+    run_cli(
+        "train.py",
+        "experiment=finetune",
+        f"model.init_from={tmp_path / 'adapter'}",
+        f"data.path={text}",
+        "model.net.block_size=16",
+        "trainer.max_steps=1",
+        "trainer.val_check_interval=1",
+        "data.max_eval_windows=2",
+        "callbacks.text_sample.max_new_tokens=2",
+        cwd=tmp_path,
+    )
+    (run,) = run_dirs(tmp_path)
+    log = (run / "train.log").read_text()
+    assert (
+        f"with the PEFT adapters of {tmp_path / 'adapter'} merged (6 modules)" in log
+    )  # q, v, down x 2 layers

@@ -113,10 +113,14 @@ def prepare(cfg: DictConfig) -> None:
         size_like(model.net, saved.get("net") or {}, typed_keys(), path)
 
 
-def _prepare_hf(cfg: DictConfig, folder: str) -> None:
+def _prepare_hf(cfg: DictConfig, init: str) -> None:
     from bigmodel.config_checks import typed_keys
     from bigmodel.pretrained import hf, hf_files
+    from bigmodel.pretrained.peft_format import base_folder
 
+    # a PEFT adapter folder: the net, its weights and the tokenizer are its base model's
+    base = base_folder(init)
+    folder = str(base) if base is not None else init
     if _net_target(cfg.model) != GPT_TARGET:
         raise UserError(
             f"model.init_from={folder} is a folder, which means a Hugging Face model; this "
@@ -198,10 +202,16 @@ def load_base(model: DictConfig | dict, net: nn.Module, restoring: bool = False)
         )
     if os.path.isdir(init):
         from bigmodel.pretrained.hf import load_weights
+        from bigmodel.pretrained.peft_format import base_folder, merge_peft
 
-        load_weights(net, init)
+        base = base_folder(init)  # a PEFT adapter folder: its base, the adapters merged in
+        load_weights(net, base or init)
+        merged = merge_peft(net, init) if base is not None else 0
         if not restoring:
-            log.info(f"model.init_from: {net.config.family} weights from {init}")
+            log.info(
+                f"model.init_from: {net.config.family} weights from {base or init}"
+                + (f", with the PEFT adapters of {init} merged ({merged} modules)" if base else "")
+            )
     else:
         from bigmodel.pretrained.transfer import load_transfer, read_checkpoint
 

@@ -168,6 +168,10 @@ def export_hf(task: nn.Module, out_dir: Path, tokenizer: Any = None) -> None:
     eos = hf_files.end_of_text(tokenizer)
     ids = {"bos_token_id": eos, "eos_token_id": eos}
     init = (run.get("model") or {}).get("init_from") if isinstance(run, dict) else None
+    if isinstance(init, str) and (Path(init) / "adapter_config.json").is_file():  # PEFT: its base
+        init = json.loads((Path(init) / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
     if isinstance(init, str) and (Path(init) / "config.json").is_file():
         theirs = json.loads((Path(init) / "config.json").read_text(encoding="utf-8"))
         ids = {k: theirs.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}

@@ -116,3 +116,79 @@ def export_peft(task: nn.Module, out_dir: Path) -> None:
     save_file(state, str(out_dir / WEIGHTS), metadata={"format": "pt"})
     readable_as_any_file(out_dir / WEIGHTS)
     (out_dir / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+
+
+# -------------------------------------------------------------------------------------- in
+# adapter_config.json settings whose other values compute something else than B A alpha / r
+_PLAIN = {"peft_type": "LORA", "use_dora": False, "use_rslora": False, "rank_pattern": {}}
+_PLAIN_TOO = {"alpha_pattern": {}, "layers_to_transform": None, "modules_to_save": None}
+
+
+def base_folder(folder: str | Path) -> Path | None:
+    """The base model folder of a PEFT adapter folder (its adapter_config.json's
+    `base_model_name_or_path`); None for a folder without adapter_config.json."""
+    path = Path(folder) / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise UserError(f"{path} is not JSON ({e}); write it again with peft") from None
+    base = config.get("base_model_name_or_path")
+    if not base or not (Path(base) / "config.json").is_file():
+        raise UserError(
+            f"model.init_from={folder} holds PEFT adapters over base_model_name_or_path={base}, "
+            f"which is no model folder here: set it in {path} to the base model's folder"
+        )
+    return Path(base)
+
+
+def merge_peft(net: nn.Module, folder: str | Path) -> int:
+    """Add the LoRA updates of a PEFT adapter folder into `net`'s weights (its base already
+    loaded): what `PeftModel.merge_and_unload` gives. Returns the number of modules merged."""
+    folder = Path(folder)
+    config = json.loads((folder / CONFIG).read_text(encoding="utf-8"))
+    for key, plain in {**_PLAIN, **_PLAIN_TOO}.items():
+        if (config.get(key) or plain) != plain:
+            raise UserError(
+                f"{folder / CONFIG}: {key}={config[key]} is not supported (only {plain!r}); "
+                "merge the adapters with peft and pass the merged folder"
+            )
+    if (folder / WEIGHTS).is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / WEIGHTS), device="cpu")
+    elif (folder / "adapter_model.bin").is_file():
+        state = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise UserError(f"model.init_from={folder} has {CONFIG} but no {WEIGHTS}")
+    state = {
+        k.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B."): v
+        for k, v in state.items()
+    }
+    scaling = float(config["lora_alpha"]) / float(config["r"])
+    family = family_for(net)
+    used, merged = set(), 0
+    with torch.no_grad():
+        for i, block in enumerate(net.blocks):
+            for layer, parts in family.modules(net.config).items():
+                linear = block.get_submodule(layer)
+                for module, start, end in parts:
+                    key = f"base_model.model.{family.layer_prefix.format(i=i)}{module}"
+                    a, b = state.get(f"{key}.lora_A.weight"), state.get(f"{key}.lora_B.weight")
+                    if a is None or b is None:
+                        continue
+                    delta = (b.float() @ a.float()) * scaling  # (rows, in)
+                    if delta.shape != (end - start, linear.in_features):
+                        raise UserError(
+                            f"{key} in {folder} is {tuple(delta.shape)}, but the base model's "
+                            f"{module} is {(end - start, linear.in_features)}: another base"
+                        )
+                    linear.weight[start:end] += delta.to(linear.weight.dtype)
+                    used.update((f"{key}.lora_A.weight", f"{key}.lora_B.weight"))
+                    merged += 1
+    extra = sorted(set(state) - used)
+    if extra or not merged:
+        what = f"{extra[0]} has no place in this model" if extra else "no adapter matches it"
+        raise UserError(f"the PEFT adapters of model.init_from={folder}: {what}")
+    return merged
