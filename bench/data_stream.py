@@ -194,23 +194,32 @@ def main() -> None:
     print(f"corpus: {written / 1e9:.2f} GB in {len(list(corpus.iterdir()))} files at {corpus}")
     prep = [prepare(corpus, work / f"shards_{w}", w, work) for w in (1, 2)]
     for p in prep:
-        print(f"prepare_data workers={p['workers']}: {p['MB_per_s']} MB/s, "
-              f"{p['tokens_per_s']:,} tokens/s ({p['wall_s']} s)")  # fmt: skip
+        print(
+            f"prepare_data workers={p['workers']}: {p['MB_per_s']} MB/s, "
+            f"{p['tokens_per_s']:,} tokens/s ({p['wall_s']} s)"
+        )
     memory = train_under_limit(work / "shards_2", work, args.steps, args.limit_gb)
     print(f"training from shards under RLIMIT_AS={args.limit_gb} GB, RSS by step:")
     for step, mb in memory["rss_mb_by_step"]:
         print(f"  step {step:>6}: {mb:>6} MB")
-    print(f"  peak RSS from step {memory['window_from_step']}: {memory['peak_rss_mb_after_step']} "
-          f"MB (at that step: {memory['rss_mb_at_start_of_window']} MB)")  # fmt: skip
+    print(
+        f"  peak RSS from step {memory['window_from_step']}: {memory['peak_rss_mb_after_step']} "
+        f"MB (at that step: {memory['rss_mb_at_start_of_window']} MB)"
+    )
     small = work / "small"
     generate(small, args.mem_mb / 1000, seed=1)
-    timed([PY, "-m", "bigmodel.prepare_data", f"source={small}", f"out={work / 'small_shards'}"],
-          {"BIGMODEL_ROOT": str(work)}, cwd=work)  # fmt: skip
+    timed(
+        [PY, "-m", "bigmodel.prepare_data", f"source={small}", f"out={work / 'small_shards'}"],
+        {"BIGMODEL_ROOT": str(work)},
+        cwd=work,
+    )
     steps = max(20, min(args.steps, 300))
     mem = tokens_per_s(["data=text", f"data.path={small}", "data.cache_dir=null"], work, steps)
     shards = tokens_per_s(["data=text_stream", f"data.path={work / 'small_shards'}"], work, steps)
-    print(f"training tokens/s, {args.mem_mb} MB of text: in memory {mem:,}, from shards "
-          f"{shards:,} ({shards / mem - 1:+.1%})")  # fmt: skip
+    print(
+        f"training tokens/s, {args.mem_mb} MB of text: in memory {mem:,}, from shards "
+        f"{shards:,} ({shards / mem - 1:+.1%})"
+    )
     result = {
         "corpus_gb": round(written / 1e9, 3),
         "prepare": prep,

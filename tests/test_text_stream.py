@@ -162,6 +162,51 @@ def test_jsonl_and_parquet_rows_are_documents_joined_with_the_end_of_text_token(
     assert sorted(got) == sorted(docs)  # every row, whole, each ended by the token
 
 
+def test_best_fit_packing_starts_every_window_at_a_document_and_reports_the_waste(tmp_path):
+    import numpy as np
+
+    src = corpus(tmp_path, chars=20_000, files=2)
+    tok = train_tokenizer(tmp_path, src)
+    args = [f"source={src}", f"tokenizer={tok}", "workers=2", "part_mb=0.004", "chunk_tokens=300"]
+    proc = prepare(tmp_path, *args, "out=packed", "pack=bos", "window=33")
+    manifest = json.loads((tmp_path / "packed" / "manifest.json").read_text())
+    packing, eos = manifest["packing"], manifest["eos_id"]
+    assert manifest["window"] == 33 and 0 < packing["dropped"] < packing["tokens"]
+    share = f"{packing['dropped'] / packing['tokens']:.1%} wasted"
+    assert f"{packing['dropped']} of {packing['tokens']} tokens cropped" in proc.stdout
+    assert share in proc.stdout
+    index = json.loads((tmp_path / "packed" / "index.json").read_text())
+    windows = []
+    for b, c in zip(shard_bytes(tmp_path / "packed"), index["chunks"], strict=True):
+        ids = np.frombuffer(b, np.uint16, offset=(2 + c["chunk_size"]) * 4)
+        assert len(ids) % 33 == 0  # whole windows only: litdata's cut falls on their starts
+        windows += list(ids.reshape(-1, 33))
+    assert all(w[0] == eos for w in windows)  # every window starts a document
+    # every token kept is the token of a paragraph, in order, after its start
+    bpe = __import__("bigmodel.data.tokenizers", fromlist=["x"]).tokenizer_from_dict(
+        manifest["tokenizer"]
+    )
+    text = "".join(f.read_text() for f in sorted(src.iterdir()))
+    for w in windows[:50]:
+        starts = [i for i, t in enumerate(w) if t == eos] + [len(w)]
+        for a, b in zip(starts, starts[1:], strict=False):
+            assert bpe.decode([int(i) for i in w[a + 1 : b]]) in text
+    assert len(windows) * 33 == manifest["tokens"] == packing["tokens"] - packing["dropped"]
+    # a model of another block size is refused; the right one trains
+    err = one_error(
+        run_cli(
+            "train.py",
+            *stream_args("packed"),
+            "model.net.block_size=16",
+            cwd=tmp_path,
+            env=ONE_THREAD,
+            check=False,
+        )
+    )
+    assert "packed into windows of 33 tokens" in err and "model.net.block_size=32" in err
+    run_cli("train.py", *stream_args("packed", steps=2), cwd=tmp_path, env=ONE_THREAD)
+
+
 def test_a_changed_source_or_another_tokenizer_is_refused_by_prepare(tmp_path):
     src = corpus(tmp_path)
     prepare(tmp_path, f"source={src}", "out=shards", "workers=1", *SMALL)
@@ -180,10 +225,19 @@ def test_a_changed_source_or_another_tokenizer_is_refused_by_prepare(tmp_path):
 
 def train_tokenizer(root: Path, src: Path, vocab_size: int = 300, out: str = "tok") -> Path:
     proc = forkserver.run(
-        [sys.executable, "-m", "bigmodel.train_tokenizer", f"source={src}",
-         f"vocab_size={vocab_size}", f"out={out}"],
-        cwd=root, env={**os.environ, **ONE_THREAD}, capture_output=True, text=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bigmodel.train_tokenizer",
+            f"source={src}",
+            f"vocab_size={vocab_size}",
+            f"out={out}",
+        ],
+        cwd=root,
+        env={**os.environ, **ONE_THREAD},
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root / out
 
@@ -196,8 +250,14 @@ def test_prepare_killed_mid_way_continues_to_the_same_shards(tmp_path):
     cmd = [sys.executable, "-m", "bigmodel.prepare_data", *args, "out=killed"]
     manifest = tmp_path / "killed" / "manifest.json"
     for _ in range(2):  # kill -9 the whole process group once a round or two are in
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, start_new_session=True,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -337,7 +397,7 @@ def test_training_streams_from_an_s3_server_and_bad_shards_are_refused_before_tr
     err = one_error(
         run_cli(
             "train.py", *stream_args("s3://no-such-bucket/x"), cwd=tmp_path, env=env, check=False
-        )  # fmt: skip
+        )
     )
     assert "the bucket does not exist" in err
 

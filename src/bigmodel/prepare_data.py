@@ -13,8 +13,13 @@ Keys (key=value):
   eos           auto | true | false: end every document with the tokenizer's end-of-text token
                 (auto: where it has one: <|endoftext|>, </s> or <eos>); a text file is one
                 document, a jsonl line or a parquet row is one
-  part_mb       MB of text a worker tokenizes at a time (default 4)
-  chunk_tokens  tokens per shard file, about (default 2097152)
+  part_mb       MB of text a worker tokenizes at a time (default: 4, or less for a small
+                corpus, so that it is cut into at least 64 parts)
+  chunk_tokens  tokens per shard file, about (default: 2097152, or a part's worth for a small
+                corpus, so that it has shards to shuffle and to hold out for validation)
+  pack          none | bos: best-fit pack documents (paragraphs of text files) into windows of
+                `window` tokens (the model's block_size + 1) that each start with the end-of-text
+                token and a document; cropped tokens are dropped and their share reported
 
 The work is cut into parts (byte ranges of text ending at a newline, parquet row groups) and
 done in rounds of a few parts per worker; each round is one `litdata.optimize` call, whose
@@ -37,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from bigmodel.data.encode import Tokenize, charset, find_eos, pack_window
 from bigmodel.data.shards import FORMAT, INDEX, MANIFEST
 from bigmodel.data.sources.parts import describe, documents, plan_parts, resolve_sources
 from bigmodel.errors import UserError, reports_user_errors
@@ -48,10 +54,11 @@ KEYS = {
     "workers": None,
     "text_column": "text",
     "eos": "auto",
-    "part_mb": "4",
-    "chunk_tokens": str(2**21),
+    "part_mb": "auto",
+    "chunk_tokens": "auto",
+    "pack": "none",
+    "window": "",
 }
-EOS_TOKENS = ("<|endoftext|>", "</s>", "<eos>")
 PARTS_PER_WORKER = 4  # parts a worker takes per round: a kill loses at most one round
 
 
@@ -85,97 +92,6 @@ def positive(args: dict[str, str], key: str, kind: type = int) -> Any:
     if v <= 0:
         raise UserError(f"{key}={args[key]} must be > 0")
     return v
-
-
-# ------------------------------------------------------------------------------- tokenizing
-class CharIds:
-    """Character ids as numpy does them: a text's code points looked up in the vocabulary."""
-
-    def __init__(self, chars: str, unk_id: int | None) -> None:
-        cps = np.array([ord(c) for c in chars], dtype=np.uint32)
-        self.order = np.argsort(cps)
-        self.sorted = cps[self.order]
-        self.unk_id = unk_id
-
-    def __call__(self, text: str) -> np.ndarray:
-        cps = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
-        pos = np.searchsorted(self.sorted, cps).clip(0, len(self.sorted) - 1)
-        known = self.sorted[pos] == cps
-        ids = self.order[pos]
-        if not known.all():
-            if self.unk_id is None:
-                raise UserError("a character outside the vocabulary, and no unknown character")
-            ids = np.where(known, ids, self.unk_id)
-        return ids
-
-
-def charset(text: str) -> set[str]:
-    return {chr(c) for c in np.unique(np.frombuffer(text.encode("utf-32-le"), np.uint32))}
-
-
-class Tokenize:
-    """litdata's `fn`: part number -> the part's token ids (one item of a shard).
-
-    Runs in litdata's worker processes (forked); the tokenizer is built there once. A bad input
-    is written to `error_file` for the main process to report in one line.
-    """
-
-    def __init__(self, parts, tok_state, eos_id, dtype, text_column, error_file) -> None:
-        self.parts, self.tok_state, self.eos_id = parts, tok_state, eos_id
-        self.dtype, self.text_column, self.error_file = dtype, text_column, error_file
-        self._encode = None
-
-    def encoder(self):
-        if self._encode is None:
-            from bigmodel.data.tokenizers import tokenizer_from_dict
-
-            tok = tokenizer_from_dict(self.tok_state)
-            if self.tok_state["type"] == "char":
-                self._encode = CharIds(tok.chars, tok.unk_id)
-            else:
-
-                def bpe(text: str) -> np.ndarray:
-                    lines = text.splitlines(keepends=True) or [""]
-                    ids = [i for e in tok.encode_batch(lines) for i in e]
-                    return np.asarray(ids, dtype=np.int64)
-
-                self._encode = bpe
-        return self._encode
-
-    def __call__(self, n: int) -> np.ndarray:
-        try:
-            encode = self.encoder()
-            texts, ends = documents(self.parts[n], self.text_column)
-            eos = [] if self.eos_id is None else [np.array([self.eos_id])]
-            out: list[np.ndarray] = []
-            for i, t in enumerate(texts):
-                if self.eos_id is None and self.parts[n][0] != "text":
-                    t += "\n\n"  # rows joined as the in-memory text data joins them
-                out.append(encode(t))
-                if i < len(texts) - 1 or ends:
-                    out += eos
-            ids = np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
-            return ids.astype(self.dtype)
-        except Exception as e:
-            msg = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            with contextlib.suppress(OSError), open(self.error_file, "w") as f:
-                f.write(msg)
-            raise
-
-
-def find_eos(tok: Any, setting: str) -> int | None:
-    if setting not in ("auto", "true", "false"):
-        raise UserError(f"eos={setting} is not one of auto, true, false")
-    if setting == "false" or not hasattr(tok, "token_to_id"):
-        if setting == "true":
-            raise UserError("eos=true: the char tokenizer has no end-of-text token; use a BPE")
-        return None
-    for t in EOS_TOKENS:
-        if (i := tok.token_to_id(t)) is not None:
-            return i
-    if setting == "true":
-        raise UserError(f"eos=true: the tokenizer has none of {', '.join(EOS_TOKENS)}")
-    return None
 
 
 # ------------------------------------------------------------------------------ the folder
@@ -263,12 +179,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv, KEYS, __doc__.split("\n\n")[1])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize
     workers = positive(args, "workers") if "workers" in args else os.cpu_count() or 1
-    part_bytes = int(positive(args, "part_mb", float) * 2**20)
-    chunk = positive(args, "chunk_tokens")
+    files = resolve_sources(args["source"])
+    corpus_bytes = sum(f.stat().st_size for f in files)
+    if args["part_mb"] == "auto":  # small corpora in small parts: shards to shuffle and hold out
+        part_bytes = min(4 * 2**20, max(4096, corpus_bytes // 64))
+    else:
+        part_bytes = int(positive(args, "part_mb", float) * 2**20)
+    if args["chunk_tokens"] == "auto":
+        chunk = min(2**21, max(4096, part_bytes))
+    else:
+        chunk = positive(args, "chunk_tokens")
     out = Path(args["out"]).expanduser()
     if str(args["out"]).startswith("s3://"):
         raise UserError("out= is a local folder; upload it afterwards (aws s3 sync out s3://...)")
-    files = resolve_sources(args["source"])
     sources = describe(files)
 
     from bigmodel.data.tokenizers import BPETokenizer, CharTokenizer, tokenizer_from_dict
@@ -314,6 +237,12 @@ def main(argv: list[str] | None = None) -> None:
                 chars |= charset(t)
         tok = CharTokenizer("".join(sorted(chars | {CharTokenizer.UNK})), unk=CharTokenizer.UNK)
     eos_id = find_eos(tok, args["eos"]) if old is None else old["eos_id"]
+    window = pack_window(args, eos_id)
+    if old is not None and old.get("window") != window:
+        raise UserError(
+            f"{out} was packed for windows of {old.get('window')} tokens, not "
+            f"{window}; use a new out= folder"
+        )
     dtype = "uint16" if tok.vocab_size <= 2**16 else "uint32"
     rounds_n = max(1, workers * PARTS_PER_WORKER) if old is None else old["round_parts"]
     manifest = old or {
@@ -330,6 +259,8 @@ def main(argv: list[str] | None = None) -> None:
         "rounds_done": [],
         "tokens": 0,
         "source_bytes": sum(s["size"] for s in sources),
+        "window": window,  # pack=bos: every window of this size starts a document
+        "packing": {"tokens": 0, "dropped": 0},
     }
     if manifest["complete"]:
         print(
@@ -354,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
         np.dtype(dtype),
         manifest["text_column"],
         str(out / ".staging" / "error.txt"),
+        window,
     )
     part_size = [p[3] - p[2] if p[0] != "parquet" else 0 for p in parts]
     total = sum(part_size) or len(parts)
@@ -389,6 +321,10 @@ def main(argv: list[str] | None = None) -> None:
             done.append(r)
             manifest["rounds_done"] = done
             manifest["tokens"] += sum(int(c["dim"]) for c in index["chunks"])
+            for i in idx if window else ():
+                stats = json.loads((out / ".staging" / "packing" / f"{i}.json").read_text())
+                for k in ("tokens", "dropped"):
+                    manifest["packing"][k] += stats[k]
             write_json(out / MANIFEST, manifest)
             shutil.rmtree(out / ".staging" / f"round-{r:05d}", ignore_errors=True)
             bar.update(task, advance=sum(weight[i] for i in idx), tokens=manifest["tokens"])
@@ -403,6 +339,13 @@ def main(argv: list[str] | None = None) -> None:
         f"{manifest['vocab_size']}) in {manifest['shards']} shards from {len(files)} files, "
         f"{mb:.1f} MB of text in {secs:.1f} s ({mb / max(secs, 1e-9):.1f} MB/s)"
     )
+    if window:
+        p = manifest["packing"]
+        print(
+            f"packed into windows of {window} tokens, each starting a document: "
+            f"{p['dropped']} of {p['tokens']} tokens cropped off documents "
+            f"({p['dropped'] / max(p['tokens'], 1):.1%} wasted)"
+        )
 
 
 def changes(old: dict, sources: list[dict]) -> str:

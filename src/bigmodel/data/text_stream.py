@@ -182,6 +182,12 @@ class TextStreamDataModule(DataModule):
     def build(self) -> None:
         window = self.block_size + 1
         manifest, index = check_shards(self.path)
+        if manifest.get("window") not in (None, window):
+            raise UserError(
+                f"the shards in {self.path} are packed into windows of {manifest['window']} "
+                f"tokens (pack=bos), and this model reads block_size + 1 = {window}; set "
+                f"model.net.block_size={manifest['window'] - 1} or prepare them again"
+            )
         tokens, windows = tokens_in(index, window)
         shards = tokenizer_from_dict(manifest["tokenizer"])
         if self.tokenizer_dir:
