@@ -157,11 +157,6 @@ class TextStreamDataModule(DataModule):
             seed=seed,
             split=split,
         )
-        if not path:
-            raise UserError(
-                "data=text_stream needs data.path: a shard folder or s3://bucket/prefix written "
-                "by python -m bigmodel.prepare_data source=YOUR_TEXT out=SHARDS"
-            )
         if block_size is None or block_size <= 0:
             raise UserError(f"the block size must be a positive integer, got {block_size}")
         if val_path is None and not 0 < val_fraction < 1:
@@ -169,7 +164,7 @@ class TextStreamDataModule(DataModule):
                 f"data.val_fraction={val_fraction} must be between 0 and 1 (exclusive), or give "
                 "data.val_path=SHARDS for a validation set of its own"
             )
-        self.path, self.val_path = str(path).rstrip("/"), val_path
+        self.path, self.val_path = str(path or "").rstrip("/"), val_path
         self.val_fraction, self.tokenizer_dir = val_fraction, tokenizer
         self.block_size, self.shuffle = block_size, shuffle
         self.cache_dir = Path(cache_dir) if cache_dir else None
@@ -180,6 +175,11 @@ class TextStreamDataModule(DataModule):
 
     # ------------------------------------------------------------------------------ lifecycle
     def build(self) -> None:
+        if not self.path:
+            raise UserError(
+                "data=text_stream needs data.path: a shard folder or s3://bucket/prefix written "
+                "by python -m bigmodel.prepare_data source=YOUR_TEXT out=SHARDS"
+            )
         window = self.block_size + 1
         manifest, index = check_shards(self.path)
         if manifest.get("window") not in (None, window):
