@@ -9,7 +9,7 @@ engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,36 +164,67 @@ def generate_rows(
     up to the rounding of a batched matmul. The batch must fit the context: prompt lengths plus
     new tokens at most block_size (the caller decodes the others alone).
     """
+    out: list[list[int]] = [[] for _ in rows]
+    for new in decode_rows(net, prompts, rows, block_size):
+        for ids, t in zip(out, new, strict=True):
+            if t is not None:
+                ids.append(t)
+    return out
+
+
+def decode_rows(
+    net: Any,
+    prompts: list[list[int]],
+    rows: list[RowSampling],
+    block_size: int,
+    finished: Callable[[int, list[int]], bool] | None = None,
+) -> Iterator[list[int | None]]:
+    """`generate_rows` step by step, for streaming: each step yields every row's new id, None
+    for a row that has finished. A row finishes at its max_new_tokens, or when
+    `finished(row, its new ids so far)` says so after an id (an end-of-turn token, a stop
+    string); decoding ends when every row has finished."""
     width = max(len(p) for p in prompts)
     steps = max(r.max_new_tokens for r in rows)
     if width + steps > block_size:
         raise ValueError(f"{width} + {steps} positions exceed block_size {block_size}")
     for r in rows:
         check_sampling(r.temperature, r.top_k, r.max_new_tokens)
-    device = net.wte.weight.device if hasattr(net, "wte") else None
-    B = len(prompts)
-    idx = torch.zeros(B, width, dtype=torch.long, device=device)
-    pad_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):
-        idx[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-        pad_mask[i, width - len(p) :] = True
-    gens = [
-        torch.Generator(device=device or "cpu").manual_seed(r.seed) if r.seed is not None else None
-        for r in rows
-    ]
-    out: list[list[int]] = [[] for _ in rows]
     if steps == 0:
-        return out
-    cache = net.new_cache(B, width + steps)
-    logits = net(idx, cache=cache, pad_mask=pad_mask)[:, -1, :]  # (B, V)
-    for step in range(steps):
-        tokens = torch.zeros(B, 1, dtype=torch.long, device=idx.device)
-        for i, r in enumerate(rows):
-            if step < r.max_new_tokens:  # a finished row feeds a token nobody reads
-                tokens[i] = next_token(logits[i : i + 1], r.temperature, r.top_k, gens[i], r.top_p)
-                out[i].append(int(tokens[i]))
-        if step == steps - 1:
-            break
-        pad_mask = torch.cat([pad_mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
-        logits = net(tokens, cache=cache, pad_mask=pad_mask)[:, -1, :]
-    return out
+        return
+    with torch.no_grad():
+        device = net.wte.weight.device if hasattr(net, "wte") else None
+        B = len(prompts)
+        idx = torch.zeros(B, width, dtype=torch.long, device=device)
+        pad_mask = torch.zeros(B, width, dtype=torch.bool, device=device)
+        for i, p in enumerate(prompts):
+            idx[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            pad_mask[i, width - len(p) :] = True
+        gens = [
+            torch.Generator(device=device or "cpu").manual_seed(r.seed)
+            if r.seed is not None
+            else None
+            for r in rows
+        ]
+        out: list[list[int]] = [[] for _ in rows]
+        done = [r.max_new_tokens == 0 for r in rows]
+        cache = net.new_cache(B, width + steps)
+        logits = net(idx, cache=cache, pad_mask=pad_mask)[:, -1, :]  # (B, V)
+    while True:
+        with torch.no_grad():
+            tokens = torch.zeros(B, 1, dtype=torch.long, device=idx.device)
+            new: list[int | None] = [None] * B
+            for i, r in enumerate(rows):
+                if not done[i]:  # a finished row feeds a token nobody reads
+                    tokens[i] = next_token(
+                        logits[i : i + 1], r.temperature, r.top_k, gens[i], r.top_p
+                    )
+                    new[i] = int(tokens[i])
+                    out[i].append(new[i])
+                    stop = finished is not None and bool(finished(i, out[i]))
+                    done[i] = stop or len(out[i]) >= r.max_new_tokens
+        yield new
+        if all(done):
+            return
+        with torch.no_grad():
+            pad_mask = torch.cat([pad_mask, torch.ones_like(tokens, dtype=torch.bool)], dim=1)
+            logits = net(tokens, cache=cache, pad_mask=pad_mask)[:, -1, :]

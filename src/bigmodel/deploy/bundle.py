@@ -50,6 +50,9 @@ class Bundle:
     """What the model card says: task, data, metrics, command, source."""
     folder: Path | None = None
     """The exported folder it was loaded from (None for a checkpoint)."""
+    chat_template: dict | None = None
+    """The chat template a language model was fine-tuned with (data=chat, data=preference):
+    `ChatTemplate.to_dict()`; None when it had none."""
 
     @property
     def onnx_files(self) -> list[str]:
@@ -63,7 +66,13 @@ def kind_of(task_name: str, data_target: str) -> str:
     """The kind of model from its task class name and its data module."""
     if task_name == "Classifier":
         return "audio" if "Audio" in data_target else "image"
-    kinds = {"LanguageModel": "lm", "Seq2Seq": "seq2seq", "Regressor": "regression"}
+    kinds = {
+        "LanguageModel": "lm",
+        "ChatModel": "lm",  # SFT and DPO checkpoints: their net is a language model
+        "PreferenceModel": "lm",
+        "Seq2Seq": "seq2seq",
+        "Regressor": "regression",
+    }
     if task_name not in kinds:
         raise UserError(
             f"a {task_name} cannot be deployed yet; export.py, predict.py and serve.py take "
@@ -173,6 +182,7 @@ def from_checkpoint(
         classes=list(data_state.get("classes") or []),
         tokenizer=tokenizer,
         card=_card_from_run(Path(path), ckpt, cfg, task_name),
+        chat_template=data_state.get("chat_template"),
     )
 
 
@@ -223,6 +233,7 @@ def from_folder(folder: str | Path) -> Bundle:
         tokenizer=tokenizer,
         card=meta.get("card", {}),
         folder=folder,
+        chat_template=meta.get("chat_template"),
     )
 
 

@@ -93,6 +93,8 @@ def write_meta(
         "parity": rows,
         "int8_scores": scores,
     }
+    if bundle.chat_template:  # chat.py and serve.py's /v1 render conversations with it
+        meta["chat_template"] = bundle.chat_template
     (folder / "config.json").write_text(json.dumps(meta, indent=2, default=str))
     if bundle.classes:
         (folder / "classes.json").write_text(json.dumps(bundle.classes, indent=2))

@@ -10,6 +10,9 @@
   are checked in the HTTP process before the request is queued (`CheckRequests`), bytes that do
   not decode are answered 422 by the worker for that request alone, and the batch it came with is
   served as usual.
+- A language model also answers OpenAI's API under /v1 (`openai=true`, the default):
+  `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, streaming by
+  server-sent events or not (bigmodel.deploy.openai_api).
 - SIGTERM stops the server cleanly (LitServe's graceful shutdown of its processes), exit 0.
 """
 
@@ -201,6 +204,38 @@ class StreamAPI(ModelAPI):
         yield from outputs
 
 
+def _openai_api(cfg: DictConfig, bundle, settings: dict) -> ls.LitAPI:
+    """The /v1 routes (bigmodel.deploy.openai_api): chat completions when the model has a chat
+    template (its own, or `template=NAME`), completions always."""
+    import time
+    from pathlib import Path
+
+    from bigmodel.deploy.assistant import Assistant
+    from bigmodel.deploy.openai_api import CompletionAPI, OpenAIRoutes
+
+    assistant = Assistant.from_bundle(bundle, cfg.get("template"), required=False)
+    source = cfg.get("model_dir") or cfg.get("ckpt_path")
+    name = cfg.get("model_name") or (
+        Path(source).name if cfg.get("model_dir") else Path(str(source)).stem
+    )
+    routes = OpenAIRoutes(
+        {
+            "model": str(name),
+            "created": int(time.time()),
+            "tokenizer": bundle.tokenizer.to_dict(),
+            "template": assistant.template.to_dict() if assistant.template else None,
+            "block_size": assistant.block_size,
+            "max_new_tokens": int(cfg.max_new_tokens),
+            "max_new_tokens_limit": int(cfg.max_new_tokens_limit),
+            "temperature": float(cfg.temperature),
+            "max_payload_bytes": int(cfg.max_payload_bytes),
+        }
+    )
+    return CompletionAPI(
+        settings, max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout, spec=routes
+    )
+
+
 def _free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         try:
@@ -245,6 +280,8 @@ def serve(cfg: DictConfig) -> None:
     apis = [ModelAPI(settings, max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout)]
     if cfg.stream and bundle.kind == "lm":
         apis.append(StreamAPI(settings, api_path="/stream", stream=True))
+    if cfg.openai and bundle.kind == "lm":
+        apis.append(_openai_api(cfg, bundle, settings))
     _free(cfg.host, int(cfg.port))
     server = ls.LitServer(
         apis,
@@ -272,6 +309,8 @@ def serve(cfg: DictConfig) -> None:
 
     signal.signal(signal.SIGTERM, stop)
     log.info(f"serving a {bundle.kind} model at http://{cfg.host}:{cfg.port}/predict")
+    if len(apis) > 1 and cfg.openai:
+        log.info(f"and the OpenAI API at http://{cfg.host}:{cfg.port}/v1")
     try:
         server.run(
             host=cfg.host,
