@@ -17,11 +17,13 @@ import os
 import pty
 import re
 import select
+import shlex
 import shutil
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,18 +182,26 @@ def answer_shown(shown: str, question: str) -> str:
     return "\n".join(lines[start + 1 : -1])
 
 
-def test_chat_at_a_terminal_streams_resets_and_exits(sft):
-    """A pseudo-terminal as stdin, stdout and stderr: two turns, /reset, an unknown command,
-    /exit. The first answer is the reference's; the second turn sees the first."""
+def at_a_terminal(cwd: Path, *args: str):
+    """`python chat.py args...` with a pseudo-terminal as stdin, stdout and stderr -> (the
+    process, the terminal's other end)."""
     master, slave = pty.openpty()
-    env = {**os.environ, "BIGMODEL_ROOT": str(sft["root"]), "TERM": "dumb"}
+    env = {**os.environ, "BIGMODEL_ROOT": str(cwd), "TERM": "dumb"}
     proc = forkserver.popen(
-        [sys.executable, str(ROOT / "chat.py"), f"ckpt_path={sft['ckpt']}", "temperature=0",
-         f"max_new_tokens={MAX_NEW}"],
-        cwd=sft["root"], env=env, stdin=slave, stdout=slave, stderr=slave,
+        [sys.executable, str(ROOT / "chat.py"), *args],
+        cwd=cwd, env=env, stdin=slave, stdout=slave, stderr=slave,
     )  # fmt: skip
     os.close(slave)
     fcntl.fcntl(master, fcntl.F_SETFL, fcntl.fcntl(master, fcntl.F_GETFL) | os.O_NONBLOCK)
+    return proc, master
+
+
+def test_chat_at_a_terminal_streams_resets_and_exits(sft):
+    """A pseudo-terminal as stdin, stdout and stderr: two turns, /reset, an unknown command,
+    /exit. The first answer is the reference's; the second turn sees the first."""
+    proc, master = at_a_terminal(
+        sft["root"], f"ckpt_path={sft['ckpt']}", "temperature=0", f"max_new_tokens={MAX_NEW}"
+    )
     try:
         shown = read_until(master, r"/exit.*\n.*> ", proc)
         assert "/reset starts over" in shown
@@ -215,6 +225,20 @@ def test_chat_at_a_terminal_streams_resets_and_exits(sft):
         if proc.poll() is None:
             proc.kill()
         os.close(master)
+
+
+def test_an_exported_folder_chats_as_its_checkpoint(sft, tmp_path):
+    """export.py format=safetensors carries the chat template; model_dir= answers the same."""
+    out = tmp_path / "exported"
+    run_cli("export.py", f"ckpt_path={sft['ckpt']}", "format=safetensors", f"out={out}",
+            cwd=tmp_path)  # fmt: skip
+    assert json.loads((out / "config.json").read_text())["chat_template"]["source"]
+    want, _ = reference(sft, CONVERSATION)
+    proc = run_cli(
+        "chat.py", f"model_dir={out}", "temperature=0", f"max_new_tokens={MAX_NEW}",
+        cwd=tmp_path, stdin=json.dumps({"messages": CONVERSATION}),
+    )  # fmt: skip
+    assert proc.stdout == want + "\n"
 
 
 # ------------------------------------------------------------------------------ the server
@@ -419,3 +443,62 @@ def test_server_sent_events_over_raw_http_and_curl(server):
 def test_sigterm_stops_the_openai_server(server):
     assert server.stop() == 0, server.output()
     assert "Traceback" not in server.output()
+
+
+@pytest.mark.slow  # a server of its own: about 30 s
+def test_readme_chat_and_openai_commands_run_as_written(sft):
+    """The chat.py and serve.py lines of README "Post-training" as written (ckpt_path=last: the
+    fine-tuned run), then README "Deploying a model"'s openai client and curl against that
+    server."""
+    from tests.test_serve import Server, readme_section
+
+    lines = [
+        line.split("#")[0].strip()
+        for _, text in readme_section("Post-training: chat fine-tuning and preferences")
+        for line in text.splitlines()
+        if "chat.py" in line or "serve.py" in line
+    ]
+    assert len(lines) == 3, lines
+    root, server = sft["root"], None
+    try:
+        for line in lines:
+            feed, _, command = line.rpartition("|")
+            argv = shlex.split(command)
+            assert argv[0] == "python", line
+            if feed:  # echo "..." | python chat.py ...
+                text = shlex.split(feed)[1]
+                proc = run_cli(argv[1], *argv[2:], cwd=root, stdin=text + "\n")
+                assert proc.stdout.strip(), line
+            elif argv[1] == "chat.py":  # at a terminal: it greets, then /exit ends it
+                proc, master = at_a_terminal(root, *argv[2:])
+                try:
+                    read_until(master, r"/exit.*\n.*> ", proc)
+                    os.write(master, b"/exit\n")
+                    assert proc.wait(60) == 0
+                finally:
+                    if proc.poll() is None:
+                        proc.kill()
+                    os.close(master)
+            else:
+                server = Server(*(a for a in argv[2:] if not a.startswith("port=")), cwd=root)
+        assert server is not None
+        blocks = readme_section("Deploying a model")
+        client = [text for lang, text in blocks if lang == "python" and "OpenAI(" in text]
+        proc = forkserver.run(
+            [sys.executable, "-c", client[0].replace("8000", str(server.port))],
+            cwd=root, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        first, second = proc.stdout.splitlines()[:2]
+        assert first.endswith((" stop", " length")) and second.strip(), proc.stdout
+        (curl,) = [text for lang, text in blocks if lang == "sh" and "curl" in text]
+        if shutil.which("curl") is None:
+            pytest.skip("curl is not installed here")
+        proc = subprocess.run(
+            curl.replace("8000", str(server.port)), shell=True, capture_output=True, text=True,
+            timeout=60,
+        )  # fmt: skip
+        assert proc.returncode == 0 and proc.stdout.rstrip().endswith("data: [DONE]"), proc
+    finally:
+        if server is not None:
+            assert server.stop() == 0
