@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from bigmodel.data.encode import Tokenize, charset, find_eos, pack_window
-from bigmodel.data.shards import FORMAT, INDEX, MANIFEST
+from bigmodel.data.shards import FORMAT, INDEX, MANIFEST, litdata
 from bigmodel.data.sources.parts import describe, documents, plan_parts, resolve_sources
 from bigmodel.errors import UserError, reports_user_errors
 
@@ -124,8 +124,6 @@ def quiet_fds(log: Path):
 
 def run_round(out: Path, r: int, parts_idx: list[int], fn: Tokenize, workers: int, chunk: int):
     """One litdata.optimize call into out/.staging/round-R; its chunks are committed after."""
-    from bigmodel.data.shards import litdata
-
     ld = litdata()
     stage = out / ".staging" / f"round-{r:05d}"
     shutil.rmtree(stage, ignore_errors=True)
@@ -179,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv, KEYS, __doc__.split("\n\n")[1])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # forked workers tokenize
     workers = positive(args, "workers") if "workers" in args else os.cpu_count() or 1
+    litdata()  # installed: checked before anything is written
     files = resolve_sources(args["source"])
     corpus_bytes = sum(f.stat().st_size for f in files)
     if args["part_mb"] == "auto":  # small corpora in small parts: shards to shuffle and hold out

@@ -33,8 +33,11 @@ def litdata():
     should not make, and a warning in every run. There is no setting for it; the check is one
     module function, answered here with "no newer version".
     """
-    import litdata as ld
-    import litdata.helpers
+    try:
+        import litdata as ld
+        import litdata.helpers
+    except ImportError:
+        raise UserError("token shards need litdata and boto3: pip install -e '.[stream]'") from None
 
     litdata.helpers._get_newer_version = lambda current: None
     return ld
@@ -55,8 +58,11 @@ def split_url(url: str) -> tuple[str, str]:
 def s3_client():
     """A boto3 S3 client configured from the environment, failing fast when it cannot connect
     (litdata's own client retries for a long time: an unreachable bucket is refused first)."""
-    import boto3
-    from botocore.config import Config
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:
+        raise UserError("s3:// paths need boto3: pip install -e '.[stream]'") from None
 
     return boto3.session.Session().client(
         "s3",

@@ -180,6 +180,7 @@ class TextStreamDataModule(DataModule):
                 "data=text_stream needs data.path: a shard folder or s3://bucket/prefix written "
                 "by python -m bigmodel.prepare_data source=YOUR_TEXT out=SHARDS"
             )
+        litdata()  # installed: checked before anything is read
         window = self.block_size + 1
         manifest, index = check_shards(self.path)
         if manifest.get("window") not in (None, window):
