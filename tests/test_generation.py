@@ -22,19 +22,22 @@ def uncached(net: GPT):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_from_the_cache_is_transformers_greedy(tmp_path, case):
+    """256 new tokens (a window-capped family: as many as its window holds), greedy, through
+    the end-of-text token as any other (transformers is told no eos, and no minimum length,
+    which would forbid it)."""
     folder = write_model(tmp_path / case, case, positions=NEW + 32)
     net, model = ours(folder), hf_model(folder)
-    idx = random_ids(net.config.vocab_size, (2, 16))
-    mine = net.generate(idx, NEW, temperature=0)
+    prompt, new = 16, NEW
+    if net.config.block_size < prompt + new:  # a sliding window caps our context at it
+        prompt, new = 6, net.config.block_size - 6
+    idx = random_ids(net.config.vocab_size, (2, prompt))
+    mine = net.generate(idx, new, temperature=0)
+    model.generation_config.eos_token_id = None
     theirs = model.generate(
-        idx,
-        attention_mask=torch.ones_like(idx),
-        max_new_tokens=NEW,
-        min_new_tokens=NEW,
-        do_sample=False,
+        idx, attention_mask=torch.ones_like(idx), max_new_tokens=new, do_sample=False,
         pad_token_id=0,
-    )
-    assert mine.shape == (2, 16 + NEW)
+    )  # fmt: skip
+    assert mine.shape == (2, prompt + new)
     assert torch.equal(mine, theirs), (mine != theirs).nonzero()[:5]
 
 
@@ -131,3 +134,43 @@ def test_a_batch_of_requests_decodes_each_as_alone(trained):
             req["prompt"], req["max_new_tokens"], req["temperature"], req["top_k"], req["seed"]
         )
         assert text == alone, (req, text, alone)
+
+
+@pytest.mark.slow  # an ONNX export of three graphs
+def test_onnx_runtime_decodes_from_its_cache_graphs_as_pytorch_does(trained, tmp_path):
+    """export.py format=onnx writes prefill and decode-step graphs, the cache as their inputs
+    and outputs; ONNX Runtime decodes with them the tokens PyTorch does, past the context
+    too (64 new tokens of a 32-token model), and an older folder with the whole-window graph
+    alone still decodes the same."""
+    from bigmodel.deploy.bundle import from_checkpoint, from_folder
+    from bigmodel.deploy.runtime import Runner
+    from tests.conftest import run_cli
+
+    ckpt = trained("lm") / "checkpoints" / "last.ckpt"
+    run_cli("export.py", f"ckpt_path={ckpt}", "format=onnx", "out=onnx", cwd=tmp_path)
+    folder = tmp_path / "onnx"
+    assert {"model.onnx", "prefill.onnx", "decode_step.onnx"} <= {p.name for p in folder.iterdir()}
+    cached = Runner(from_folder(str(folder)), "onnx")
+    assert {"prefill", "decode_step"} <= set(cached.sessions)
+    reference = Runner(from_checkpoint(str(ckpt)), "torch")
+    # step by step, each token's logits over the cache are the whole prefix's in PyTorch
+    from bigmodel.deploy.runtime import OnnxCachedDecoder
+
+    net = reference.bundle.net
+    ids = torch.tensor([reference.encode_prompt("It was the best of times, it was")])  # (1, T)
+    decoder = OnnxCachedDecoder(cached.sessions, cached.all_logits)
+    cache = decoder.new_cache(1, ids.shape[1])
+    for t in range(4, ids.shape[1]):
+        step = decoder(ids[:, :4] if t == 4 else ids[:, t - 1 : t], cache=cache)[:, -1]
+        with torch.no_grad():
+            want = net(ids[:, :t])[:, -1]
+        torch.testing.assert_close(step, want, rtol=1e-4, atol=1e-4)
+    for prompt in ("The ", ""):
+        for temperature, seed in ((0.0, None), (1.0, 3)):
+            want = reference.generate(prompt, 64, temperature=temperature, seed=seed)
+            assert cached.generate(prompt, 64, temperature=temperature, seed=seed) == want
+    for name in ("prefill.onnx", "decode_step.onnx"):
+        (folder / name).unlink()
+    window = Runner(from_folder(str(folder)), "onnx")
+    assert set(window.sessions) == {"model"}
+    assert window.generate("The ", 64, temperature=0) == reference.generate("The ", 64, 0)

@@ -61,6 +61,41 @@ class DecoderStepGraph(nn.Module):
         return torch.log_softmax(logits.float(), dim=-1)
 
 
+class LMPrefillGraph(nn.Module):
+    """The prompt's pass of cached decoding: token ids (B, T) -> the next token's logits (B, V)
+    and every layer's keys and values (n_layer, B, n_kv_head, T, head_dim) each."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from bigmodel.nets.kv_cache import PastKV
+
+        cache = PastKV()
+        logits = self.net(idx, cache=cache)[:, -1]  # (B, V)
+        return (logits, *cache.stacked())
+
+
+class LMStepGraph(nn.Module):
+    """One step of cached decoding: a new token per row (B, 1) and the keys and values so far
+    (n_layer, B, n_kv_head, P, head_dim) -> its logits (B, V) and the keys and values with it
+    (n_layer, B, n_kv_head, P + 1, head_dim). The cache travels as inputs and outputs."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(
+        self, idx: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from bigmodel.nets.kv_cache import PastKV
+
+        cache = PastKV(keys, values)
+        logits = self.net(idx, cache=cache)[:, -1]  # (B, V)
+        return (logits, *cache.stacked())
+
+
 @dataclass
 class Graph:
     """One graph to export: the module, example inputs, names and dynamic axes."""
@@ -103,9 +138,37 @@ def graphs_of(bundle: Bundle) -> list[Graph]:
         out = "logits" if bundle.kind == "audio" else "y"
         return [Graph("model", net, example_inputs(bundle), [name], [out], ({0: batch},))]
     if bundle.kind == "lm":
-        seq = Dim("seq", min=1, max=bundle.prep["block_size"])
+        block = bundle.prep["block_size"]
+        seq = Dim("seq", min=1, max=block)
+        whole = Graph(
+            "model", net, example_inputs(bundle), ["idx"], ["logits"], ({0: batch, 1: seq},)
+        )
+        if not hasattr(net, "new_cache") or block < 4:
+            return [whole]
+        # cached decoding: the prompt's pass, then one graph call per new token
+        (idx,) = example_inputs(bundle)
+        prefill = LMPrefillGraph(net).eval()
+        _, keys, values = prefill(idx)
+        past = Dim("past", min=1, max=block - 1)
+        kv = {1: batch, 3: past}
         return [
-            Graph("model", net, example_inputs(bundle), ["idx"], ["logits"], ({0: batch, 1: seq},))
+            whole,
+            Graph(
+                "prefill",
+                prefill,
+                (idx,),
+                ["idx"],
+                ["logits", "keys", "values"],
+                ({0: batch, 1: seq},),
+            ),  # fmt: skip
+            Graph(
+                "decode_step",
+                LMStepGraph(net).eval(),
+                (idx[:, -1:], keys, values),
+                ["idx", "keys", "values"],
+                ["logits", "keys_out", "values_out"],
+                ({0: batch}, kv, kv),
+            ),  # fmt: skip
         ]
     # seq2seq: the encoder once per sentence, the decoder step once per output token
     cfg = net.config

@@ -106,6 +106,9 @@ def _parity_inputs(bundle: Bundle, graph: Graph) -> tuple[torch.Tensor, ...]:
     if bundle.kind == "lm":  # another length too
         t = max(1, min(bundle.prep["block_size"], 16) - 3)
         inputs = (inputs[0][:, :t],)
+        if graph.name == "decode_step":  # a token over the cache of a prompt of t tokens
+            _, keys, values = graphs_of(bundle)[1].module(inputs[0])
+            return (inputs[0][:, -1:], keys, values)
     return inputs
 
 

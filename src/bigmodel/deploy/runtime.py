@@ -47,6 +47,10 @@ class Runner:
         if int8 and engine != "onnx":
             raise UserError("int8=true runs the int8 ONNX graphs: use engine=onnx or auto")
         self.engine = engine
+        if engine == "onnx" and self.kind == "lm":  # cached decoding, where the folder has it
+            steps = ["prefill", "decode_step"]
+            if all(f"{g}{suffix}" in bundle.onnx_files for g in steps):
+                graphs = graphs + steps
         self.sessions = (
             {g: session(bundle.folder / f"{g}{suffix}") for g in graphs} if engine == "onnx" else {}
         )
@@ -132,10 +136,15 @@ class Runner:
                 shown = text
 
         net = self.bundle.net
-        # PyTorch decodes from the net's key/value cache; an ONNX graph runs the window each step
+        # PyTorch decodes from the net's key/value cache, ONNX Runtime from the prefill and
+        # decode-step graphs' (an older folder without them runs the window each step)
         cached = self.engine != "onnx" and hasattr(net, "new_cache")
+        if self.engine == "onnx" and "decode_step" in self.sessions:
+            logits_of = OnnxCachedDecoder(self.sessions, self.all_logits)
+        else:
+            logits_of = net if cached else self.all_logits
         idx = generate(
-            net if cached else self.all_logits,
+            logits_of,
             torch.tensor([ids], dtype=torch.long, device=self.device if cached else "cpu"),
             max_new_tokens,
             self.prep["block_size"],
@@ -229,3 +238,38 @@ class Runner:
                 break
         rows = tgt[:, 1:].tolist()
         return [r[: r.index(cfg.eos_id)] if cfg.eos_id in r else r for r in rows]
+
+
+class _OnnxCache:
+    """The keys and values the decode-step graph returns, kept as arrays between its calls."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.length = size, 0
+        self.keys: np.ndarray | None = None
+        self.values: np.ndarray | None = None
+
+
+class OnnxCachedDecoder:
+    """ONNX Runtime's cached decoding in the shape `bigmodel.sampling.generate` calls a net:
+    `new_cache(batch, size)`, then `(idx, cache=)` -> logits (B, T, V), the prompt through the
+    prefill graph and each new token through the decode-step graph; without a cache (past the
+    context), the whole-window graph."""
+
+    def __init__(self, sessions: dict, window) -> None:
+        self.sessions, self.window = sessions, window
+
+    def new_cache(self, batch: int, size: int) -> _OnnxCache:
+        return _OnnxCache(size)
+
+    def __call__(self, idx: torch.Tensor, cache=None, pad_mask=None) -> torch.Tensor:
+        if pad_mask is not None:
+            raise ValueError("the ONNX decoding graphs take no padding mask")
+        if cache is None:
+            return self.window(idx)
+        if cache.keys is None:
+            logits, keys, values = run_session(self.sessions["prefill"], {"idx": idx.numpy()})
+        else:
+            feed = {"idx": idx.numpy(), "keys": cache.keys, "values": cache.values}
+            logits, keys, values = run_session(self.sessions["decode_step"], feed)
+        cache.keys, cache.values, cache.length = keys, values, keys.shape[3]
+        return torch.from_numpy(logits)[:, None, :]  # (B, 1, V): the last position's

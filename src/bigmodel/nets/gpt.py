@@ -32,7 +32,9 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bigmodel.errors import UserError
+from bigmodel.nets.kv_cache import KVCache, PastKV
 from bigmodel.nets.layers import build_config, sdpa
+from bigmodel.nets.rope import inv_frequencies, rotate
 from bigmodel.sampling import generate
 
 NORMS = ("layernorm", "rmsnorm")
@@ -156,78 +158,6 @@ def make_norm(cfg: GPTConfig, width: int) -> nn.Module:
     return nn.LayerNorm(width, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
 
 
-def inv_frequencies(cfg: GPTConfig, device: torch.device | None = None) -> torch.Tensor:
-    """The rotary angle per position of each pair of head dimensions (head_dim / 2,), fp32,
-    scaled as `rope_scaling` says."""
-    dim = cfg.dim_per_head
-    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
-    inv = 1.0 / (cfg.rope_theta**exponents)
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "linear":  # positions interpolated: every angle slowed by `factor`
-        return inv / scaling["factor"]
-    if kind == "llama3":
-        # Llama 3.1: long wavelengths (beyond the original context / low_freq_factor) are slowed
-        # by `factor`, short ones (below original / high_freq_factor) kept, those between blended
-        factor, low, high = (
-            scaling["factor"],
-            scaling["low_freq_factor"],
-            scaling["high_freq_factor"],
-        )
-        old = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv
-        slowed = torch.where(wavelen > old / low, inv / factor, inv)
-        smooth = (old / wavelen - low) / (high - low)
-        blended = (1 - smooth) * slowed / factor + smooth * slowed
-        medium = ~(wavelen < old / high) * ~(wavelen > old / low)
-        return torch.where(medium, blended, slowed)
-    return inv
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x (B, nh, T, hs), with the two halves of each head as the pairs (the layout of
-    Hugging Face's Llama weights); cos, sin (T, hs), or (B, 1, T, hs) for per-row positions."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # fp32 angles, rounded as Hugging Face does
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
-
-class KVCache:
-    """The keys and values of every layer for up to `size` positions of a batch, allocated once
-    (a static cache: no reallocation per token). Holds (n_layer, B, n_kv_head, size, head_dim)
-    each, so grouped-query models keep only the key/value heads they have: 2 x n_layer x
-    n_kv_head x head_dim values per token."""
-
-    def __init__(
-        self,
-        n_layer: int,
-        batch: int,
-        n_kv_head: int,
-        size: int,
-        head_dim: int,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
-    ) -> None:
-        shape = (n_layer, batch, n_kv_head, size, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
-        self.size, self.length = size, 0  # positions held; the model advances `length`
-
-    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, nkv, T, hs) after the `length` positions held -> all keys and values
-        of the layer so far, (B, nkv, length + T, hs) each."""
-        end = self.length + k.shape[2]
-        if end > self.size:
-            raise ValueError(f"the cache holds {self.size} positions; {end} were asked")
-        self.k[layer, :, :, self.length : end] = k
-        self.v[layer, :, :, self.length : end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def bytes_per_token(self) -> int:
-        n_layer, batch, n_kv, _, hs = self.k.shape
-        return 2 * n_layer * n_kv * hs * self.k.element_size()
-
-
 class CausalSelfAttention(nn.Module):
     """(B, T, C) -> (B, T, C): n_head query heads over n_kv_head key/value heads, causal."""
 
@@ -249,7 +179,7 @@ class CausalSelfAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: tuple[KVCache, int] | None = None,
+        cache: tuple[KVCache | PastKV, int] | None = None,
         mask: torch.Tensor | None = None,
     ):
         """cache: (the cache, this layer's index) to append this step's keys and values to and
@@ -268,7 +198,7 @@ class CausalSelfAttention(nn.Module):
         dropout = self.dropout if self.training else 0.0
         # causal over the T positions: no cache, or the prefill of an empty one (a Python bool,
         # which graph export needs; one new token over a cache attends to every key)
-        causal = mask is None and (cache is None or cache[0].length == 0)
+        causal = mask is None and (cache is None or cache[0].empty)
         if cache is not None:
             k, v = cache[0].append(cache[1], k, v)  # (B, nkv, S, hs), S = cached + T
         y = sdpa(q, k, v, mask=mask, is_causal=causal, dropout_p=dropout)  # (B, nh, T, hs)
@@ -315,7 +245,7 @@ class Block(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-        cache: tuple[KVCache, int] | None = None,
+        cache: tuple[KVCache | PastKV, int] | None = None,
         mask: torch.Tensor | None = None,
     ):
         x = x + self.attn(self.ln_1(x), rope, cache, mask)
@@ -432,16 +362,22 @@ class GPT(nn.Module):
     def forward(
         self,
         idx: torch.Tensor,
-        cache: KVCache | None = None,
+        cache: KVCache | PastKV | None = None,
         pad_mask: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """idx (B, T) -> logits (B, T, vocab_size).
 
         cache: a KVCache holding the positions before idx; their keys and values are attended
         to and idx's are appended (its length advances by T). pad_mask (B, cached + T): True at
         the real tokens of left-padded rows; each row's positions count its real tokens only.
+        documents (B, T): for a window that packs several sequences, which one each token
+        belongs to (equal ids in one run): positions restart at each and a token attends to its
+        own sequence only (a block-diagonal causal mask), as if each ran alone.
         """
         B, T = idx.shape
+        if documents is not None and (cache is not None or pad_mask is not None):
+            raise ValueError("documents (packed windows) take neither a cache nor pad_mask")
         past = cache.length if cache is not None else 0
         if self.config.block_size < past + T:
             raise ValueError(
@@ -449,7 +385,9 @@ class GPT(nn.Module):
             )
         x = self.wte(idx)  # (B, T, C)
         mask = None
-        if cache is None and pad_mask is None:  # training and scoring: the plain causal path
+        if documents is not None:
+            positions, mask = self._packed_positions_and_mask(documents)
+        elif cache is None and pad_mask is None:  # training and scoring: the plain causal path
             positions = torch.arange(T, device=idx.device)
         else:
             positions, mask = self._positions_and_mask(B, T, past, pad_mask, idx.device)
@@ -468,6 +406,19 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = past + T
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+
+    @staticmethod
+    def _packed_positions_and_mask(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Positions (B, T) counted from the start of each token's sequence, and the mask
+        (B, 1, T, T): causal, within a sequence."""
+        B, T = documents.shape
+        index = torch.arange(T, device=documents.device).expand(B, T)
+        starts = torch.ones_like(documents, dtype=torch.bool)
+        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
+        same = documents[:, :, None] == documents[:, None, :]
+        causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
+        return index - first, (same & causal).unsqueeze(1)
 
     @staticmethod
     def _positions_and_mask(
