@@ -7,7 +7,11 @@ beyond the template's own), with a label mask that is true on every token overla
 assistant turn (its content and the end-of-turn marker the template writes after it). A batch
 is `(x, y)`: x the ids, y the next ids with `IGNORE` (-100) wherever the next token is not the
 assistant's and on the padding; sequences are padded on the right to the batch's longest, which a
-causal decoder never attends to from the real tokens.
+causal decoder never attends to from the real tokens. With `packing=true` several conversations
+share a window of up to block_size tokens instead (first fit, in order) and a batch is
+`(x, y, documents)`: documents (B, T) says which conversation each token belongs to, so that the
+net restarts positions and attends within a conversation only (a block-diagonal causal mask);
+the padding is then only what the windows leave over.
 
 `ConversationData` is what chat and preference data (preference.py) share: reading the rows, the
 tokenizer and template, the splits, counted warnings for rows that are skipped, and the checkpoint
@@ -76,6 +80,41 @@ class ChatExamples(Dataset):
 def collate_chat(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
     xs, ys = zip(*items, strict=True)
     return pad(xs, 0), pad(ys, IGNORE)
+
+
+class PackedChat(Dataset):
+    """Conversations packed into windows of up to `block_size` tokens: each goes to the first
+    window with room for it, in order. An item is (x, y, documents): the conversations' x and y
+    one after another, and the index of the conversation of each token."""
+
+    def __init__(self, examples: list[Encoded], block_size: int) -> None:
+        self.examples, self.windows = examples, []
+        room: list[int] = []
+        for i, e in enumerate(examples):
+            n = len(e.ids) - 1  # x and y are one shorter than the ids
+            k = next((k for k, r in enumerate(room) if r >= n), len(room))
+            if k == len(room):
+                self.windows.append([])
+                room.append(block_size)
+            self.windows[k].append(i)
+            room[k] -= n
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        xs, ys, docs = [], [], []
+        for d, j in enumerate(self.windows[i]):
+            x, y = self.examples[j].xy()
+            xs.append(x)
+            ys.append(y)
+            docs.append(torch.full_like(x, d))
+        return torch.cat(xs), torch.cat(ys), torch.cat(docs)
+
+
+def collate_packed(items: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    xs, ys, docs = zip(*items, strict=True)
+    return pad(xs, 0), pad(ys, IGNORE), pad(docs, -1)  # the padding: a sequence of its own
 
 
 class ConversationData(DataModule):
@@ -321,11 +360,17 @@ class ChatDataModule(ConversationData):
         block_size: the longest sequence (the net's context).
         overlong: truncate or skip a conversation longer than block_size + 1 tokens (counted).
         splits: contiguous train / val / test fractions of the rows.
+        packing: several conversations per window (positions restart, attention stays within
+            each); false: one per sequence, padded to the batch's longest.
     """
 
     learning = "chat fine-tuning"
     summary = "chat conversations (loss on assistant turns)"
     provides = ("vocab_size",)
+
+    def __init__(self, *args: Any, packing: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.packing = bool(packing)
 
     def encode_rows(self, rows, skipped: Counter, first: dict) -> list[Encoded]:
         conversations = []
@@ -337,7 +382,17 @@ class ChatDataModule(ConversationData):
         return [e for e in self.sequences(conversations, skipped, first) if e is not None]
 
     def make_dataset(self, examples: list[Encoded]) -> Dataset:
+        if self.packing:
+            packed = PackedChat(examples, self.block_size)
+            if examples:
+                real = sum(len(e.ids) - 1 for e in examples)
+                log.info(
+                    f"data.packing: {len(examples)} conversations in {len(packed)} windows of up "
+                    f"to {self.block_size} tokens, {real / (len(packed) * self.block_size):.1%} "
+                    "of them filled"
+                )
+            return packed
         return ChatExamples(examples)
 
     def collate(self, items):
-        return collate_chat(items)
+        return collate_packed(items) if self.packing else collate_chat(items)

@@ -35,8 +35,9 @@ class ChatModel(LanguageModel):
         )
 
     def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        x, y = batch  # (B, T) ids, (B, T) targets with IGNORE where no loss is taken
-        logits = self.net(x)  # (B, T, V)
+        x, y, *packed = batch  # (B, T) ids, (B, T) targets with IGNORE where no loss is taken
+        # packed windows (data.packing=true) also say which conversation each token is of
+        logits = self.net(x, documents=packed[0]) if packed else self.net(x)  # (B, T, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE)
         return loss, logits, y
 

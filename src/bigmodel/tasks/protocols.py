@@ -50,7 +50,9 @@ class LanguageNet(Protocol):
     one LoRA scope)."""
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx (B, T) token ids, T <= block_size -> logits (B, T, vocab_size) of each next token."""
+        """idx (B, T) token ids, T <= block_size -> logits (B, T, vocab_size) of each next token.
+        `ChatModel` on packed windows (data.packing=true) also passes `documents=` (B, T), the
+        sequence each token belongs to: positions restart and attention stays within each."""
         ...
 
 
