@@ -174,3 +174,21 @@ def test_onnx_runtime_decodes_from_its_cache_graphs_as_pytorch_does(trained, tmp
     window = Runner(from_folder(str(folder)), "onnx")
     assert set(window.sessions) == {"model"}
     assert window.generate("The ", 64, temperature=0) == reference.generate("The ", 64, 0)
+
+
+def test_generate_py_takes_top_p_and_stop_texts(trained, tmp_path):
+    """A nucleus small enough to hold one token samples the greedy text; a stop text ends the
+    continuation before it; a top_p out of range is one line."""
+    from tests.conftest import run_cli
+
+    ckpt = f"ckpt_path={trained('lm') / 'checkpoints' / 'last.ckpt'}"
+    args = [ckpt, "prompt=The", "max_new_tokens=30"]
+    greedy = run_cli("generate.py", *args, "temperature=0", cwd=tmp_path).stdout
+    nucleus = run_cli("generate.py", *args, "temperature=1", "top_p=1e-6", cwd=tmp_path).stdout
+    assert nucleus == greedy
+    cut = greedy[3:].strip("\n")[:2]  # the first two generated characters
+    assert len(cut) == 2
+    stopped = run_cli("generate.py", *args, "temperature=0", f"stop=['{cut}']", cwd=tmp_path)
+    assert stopped.stdout.rstrip("\n") == greedy[: 3 + greedy[3:].find(cut)].rstrip("\n")
+    bad = run_cli("generate.py", *args, "top_p=2", cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "top_p=2" in bad.stderr and "must be in (0, 1]" in bad.stderr

@@ -33,6 +33,11 @@ class LanguageModel(Task):
         """0 decodes greedily; higher samples more randomly."""
         top_k: int | None = 50
         """Sample only from the k most likely tokens (None: from all)."""
+        top_p: float | None = None
+        """Sample only from the most likely tokens whose probability reaches top_p (nucleus
+        sampling, after top_k; None: from all)."""
+        stop: list[str] | None = None
+        """Texts that end a continuation: it is cut before the first one it makes."""
         num_samples: int = 1
         """Continuations of the one prompt."""
         seed: int | None = 1337
@@ -95,10 +100,13 @@ class LanguageModel(Task):
         top_k: int | None = 50,
         num_samples: int = 1,
         seed: int | None = None,
+        top_p: float | None = None,
+        stop: list[str] | None = None,
     ) -> list[str]:
         """Sample continuations of `prompt` and return them decoded (prompt included).
 
-        An empty prompt starts from `start_token`, which the returned text leaves out.
+        An empty prompt starts from `start_token`, which the returned text leaves out. A
+        continuation ends before the first of the `stop` texts it makes.
         """
         check_sampling(temperature, top_k, max_new_tokens)  # before the prompt: name the key
         if num_samples < 1:
@@ -113,11 +121,13 @@ class LanguageModel(Task):
         self.eval()
         try:
             out = generate(
-                self.net, idx, max_new_tokens, self.net.block_size, temperature, top_k, g
-            )  # (N, T + max_new_tokens)
+                self.net, idx, max_new_tokens, self.net.block_size, temperature, top_k, g,
+                top_p=top_p,
+            )  # (N, T + max_new_tokens)  # fmt: skip
         finally:
             self.train(was_training)
-        return [tokenizer.decode(row[skip:].tolist()) for row in out]
+        texts = [tokenizer.decode(row[skip:].tolist()) for row in out]
+        return [cut_at_stop(t, len(tokenizer.decode(ids[skip:])), stop) for t in texts]
 
     def generate_texts(self, tokenizer, options: LanguageModel.Generation) -> list[str]:
         """generate.py: `options.num_samples` continuations of `options.prompt`, in order."""
@@ -129,7 +139,16 @@ class LanguageModel(Task):
             top_k=options.top_k,
             num_samples=options.num_samples,
             seed=options.seed,
+            top_p=options.top_p,
+            stop=[options.stop] if isinstance(options.stop, str) else options.stop,
         )
+
+
+def cut_at_stop(text: str, start: int, stop: list[str] | None) -> str:
+    """`text` up to the first of the `stop` texts that begins at or after `start` (the end of
+    the prompt), that stop text left out."""
+    ends = [i for s in stop or () if s and (i := text.find(s, start)) >= 0]
+    return text[: min(ends)] if ends else text
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
