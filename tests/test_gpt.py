@@ -210,7 +210,7 @@ def test_generate_refuses_options_this_model_does_not_take(checkpoint, setting):
     key = setting.partition("=")[0]
     assert proc.stderr.strip().splitlines() == [
         f"error: {key}: not an option of this model ({ckpt} is a LanguageModel); it takes "
-        "prompt, max_new_tokens, temperature, top_k, num_samples, seed"
+        "prompt, max_new_tokens, temperature, top_k, top_p, stop, num_samples, seed"
     ]
     assert proc.stdout == ""
 

@@ -113,9 +113,9 @@ def test_the_test_builds_every_net():
     built = small_nets().values()
     assert {type(n) for n in built} == modules
     modules = pkgutil.iter_modules(bigmodel.nets.__path__)
-    # the building blocks the nets share, not nets: layers, the decoder's rotary positions
-    # and its key/value caches
-    parts = {"layers", "rope", "kv_cache"}
+    # the building blocks the nets share, not nets: layers, the decoder's rotary positions,
+    # its key/value caches and its masks
+    parts = {"layers", "rope", "kv_cache", "masks"}
     files = {f"bigmodel.nets.{m.name}" for m in modules if m.name not in parts}
     assert {type(n).__module__ for n in built} == files
 

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 from bigmodel.errors import UserError
 from bigmodel.nets.kv_cache import KVCache, PastKV
 from bigmodel.nets.layers import build_config, sdpa
+from bigmodel.nets.masks import packed_positions_and_mask, positions_and_mask
 from bigmodel.nets.rope import inv_frequencies, rotate
 from bigmodel.sampling import generate
 
@@ -386,11 +387,11 @@ class GPT(nn.Module):
         x = self.wte(idx)  # (B, T, C)
         mask = None
         if documents is not None:
-            positions, mask = self._packed_positions_and_mask(documents)
+            positions, mask = packed_positions_and_mask(documents)
         elif cache is None and pad_mask is None:  # training and scoring: the plain causal path
             positions = torch.arange(T, device=idx.device)
         else:
-            positions, mask = self._positions_and_mask(B, T, past, pad_mask, idx.device)
+            positions, mask = positions_and_mask(B, T, past, pad_mask, idx.device)
         if hasattr(self, "wpe"):
             x = x + self.wpe(positions)
         x = self.drop(x)
@@ -406,47 +407,6 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length = past + T
         return self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
-
-    @staticmethod
-    def _packed_positions_and_mask(documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Positions (B, T) counted from the start of each token's sequence, and the mask
-        (B, 1, T, T): causal, within a sequence."""
-        B, T = documents.shape
-        index = torch.arange(T, device=documents.device).expand(B, T)
-        starts = torch.ones_like(documents, dtype=torch.bool)
-        starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-        first = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=-1).values
-        same = documents[:, :, None] == documents[:, None, :]
-        causal = torch.ones(T, T, dtype=torch.bool, device=documents.device).tril()
-        return index - first, (same & causal).unsqueeze(1)
-
-    @staticmethod
-    def _positions_and_mask(
-        B: int, T: int, past: int, pad_mask: torch.Tensor | None, device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Positions of the T new tokens, (T,) or (B, T) per row, and the attention mask over
-        the past + T keys, (B or 1, 1, T, past + T), or None where SDPA's own causal flag (a
-        prefill) or no mask (one new token) says it."""
-        S = past + T
-        if pad_mask is None:
-            positions = torch.arange(past, S, device=device)
-            if T == 1 or past == 0:
-                return positions, None
-            keys = torch.arange(S, device=device)
-            return positions, (keys[None, :] <= positions[:, None])[None, None]  # (1, 1, T, S)
-        if pad_mask.shape != (B, S):
-            raise ValueError(f"pad_mask is {tuple(pad_mask.shape)}; ({B}, {S}) expected")
-        real = pad_mask.bool()
-        all_positions = (real.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
-        positions = all_positions[:, past:]  # (B, T)
-        query = torch.arange(past, S, device=device)  # (T,) absolute index of each query
-        keys = torch.arange(S, device=device)
-        causal = keys[None, :] <= query[:, None]  # (T, S)
-        mask = causal[None] & real[:, None, :]  # (B, T, S): real keys, not the future
-        # a padding query attends to itself only: no row of the mask is empty (SDPA would give
-        # NaN, and NaN values times a zero weight spread to the real rows)
-        mask = mask | (keys[None, :] == query[:, None])[None]
-        return positions, mask.unsqueeze(1)  # (B, 1, T, S)
 
     @torch.no_grad()
     def generate(
