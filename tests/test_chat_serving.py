@@ -142,6 +142,22 @@ def test_bad_conversations_get_one_line_and_exit_2(sft, stdin, message):
     assert proc.stdout == ""
 
 
+BAD_SETTINGS = [
+    ("stop=5", "stop=5 must be a list of non-empty strings"),
+    ("top_p=2", "top_p=2 must be in (0, 1]"),
+    ("template=alpaca", "template=alpaca is not a named template; they are chatml, plain"),
+    ("temperatur=0", "the config has no key temperatur; did you mean temperature?"),
+]
+
+
+@pytest.mark.parametrize("setting,message", BAD_SETTINGS, ids=[s for s, _ in BAD_SETTINGS])
+def test_bad_settings_get_one_line_and_exit_2(sft, setting, message):
+    proc = chat_pipe(sft, "Hi\n", setting, check=False)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert message in line, proc.stderr
+
+
 def test_a_model_without_a_chat_template_is_refused_naming_template(trained, tmp_path):
     ckpt = trained("lm") / "checkpoints" / "last.ckpt"
     proc = run_cli("chat.py", f"ckpt_path={ckpt}", cwd=tmp_path, stdin="Hi\n", check=False)
@@ -242,6 +258,7 @@ def test_an_exported_folder_chats_as_its_checkpoint(sft, tmp_path):
 
 
 # ------------------------------------------------------------------------------ the server
+# serve.py's three worker processes take ~30 s to start on 2 cores: the slow tier
 @pytest.fixture(scope="module")
 def server(sft):
     from tests.test_serve import Server
@@ -267,6 +284,7 @@ def ask(client, messages, **kw):
     return client.chat.completions.create(model="tiny-chat", messages=messages, **kw)
 
 
+@pytest.mark.slow
 def test_openai_client_chat_equals_chat_py_and_the_reference(sft, client):
     assert [m.id for m in client.models.list()] == ["tiny-chat"]
     for messages in ([{"role": "user", "content": QUESTIONS[0]}], CONVERSATION):
@@ -287,6 +305,7 @@ def test_openai_client_chat_equals_chat_py_and_the_reference(sft, client):
         assert len([c for c in chunks if c.choices[0].delta.content]) >= 2
 
 
+@pytest.mark.slow
 def test_max_tokens_stop_temperature_and_seed(sft, client):
     messages = [{"role": "user", "content": QUESTIONS[1]}]
     full, _ = reference(sft, messages)
@@ -307,6 +326,7 @@ def test_max_tokens_stop_temperature_and_seed(sft, client):
     assert hot[0] == hot[1] and len(set(hot)) > 1  # a seed repeats; seeds differ
 
 
+@pytest.mark.slow
 def test_completions_and_the_predict_route(sft, client, server):
     r = client.completions.create(
         model="tiny-chat", prompt="The river", max_tokens=6, temperature=0
@@ -322,6 +342,7 @@ def test_completions_and_the_predict_route(sft, client, server):
     assert status == 200 and body["text"].startswith("The river" + text)
 
 
+@pytest.mark.slow
 def test_concurrent_clients_each_get_their_own_answer(sft, client):
     """Twelve requests at once (chat and completions, streamed and not): batched together, each
     answer is the one it gets alone."""
@@ -377,7 +398,9 @@ BAD_REQUESTS = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,body,status,message", BAD_REQUESTS, ids=[c[0] for c in BAD_REQUESTS])
+@pytest.mark.slow
 def test_malformed_requests_get_one_4xx_and_the_server_stays_up(
     sft, server, client, name, body, status, message
 ):
@@ -393,6 +416,7 @@ def test_malformed_requests_get_one_4xx_and_the_server_stays_up(
     )
 
 
+@pytest.mark.slow
 def test_the_openai_client_raises_the_servers_message(client):
     import openai
 
@@ -407,6 +431,7 @@ def test_the_openai_client_raises_the_servers_message(client):
     assert '"prompt" must be a string' in e.value.body["message"]
 
 
+@pytest.mark.slow
 def test_server_sent_events_over_raw_http_and_curl(server):
     body = json.dumps(
         {"messages": [{"role": "user", "content": QUESTIONS[0]}], "stream": True,
@@ -440,6 +465,7 @@ def test_server_sent_events_over_raw_http_and_curl(server):
     assert text(curl_events) == text(events) and text(events)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_openai_server(server):
     assert server.stop() == 0, server.output()
     assert "Traceback" not in server.output()

@@ -71,10 +71,12 @@ class Session:
         check_sampling(cfg.temperature, cfg.top_k, cfg.max_new_tokens)
         if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
             raise UserError(f"top_p={cfg.top_p} must be in (0, 1]; null keeps every token")
-        stop = OmegaConf.to_object(cfg.stop) if cfg.stop is not None else []
+        stop = cfg.stop if cfg.stop is not None else []
         if isinstance(stop, str):
             stop = [stop]
-        if not all(isinstance(s, str) and s for s in stop):
+        elif OmegaConf.is_list(stop):
+            stop = OmegaConf.to_object(stop)
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
             raise UserError(f"stop={stop} must be a list of non-empty strings")
         init_from = OmegaConf.select(cfg, "model.init_from", default=None)
         bundle = load_bundle(
