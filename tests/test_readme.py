@@ -1,12 +1,13 @@
 """The README is the contract: every command in its code blocks runs, as written.
 
-Each fenced code block of README.md is one test. Its `python train.py | eval.py | generate.py`
-and `python -m bigmodel...` commands (also after `srun` or inside `&&` chains, and `torchrun ...
-train.py`) run in order, in one fresh folder per block, as subprocesses of the user's CLI, with
-only the quick-check suffix the README documents (QUICK below). Placeholders are filled the way a
-user fills them: `<run>` and `ckpt_path=...` with the newest run of the block (a fixture run when
-the block has trained none), `DIR` with a data folder of the layout the command's `data=` option
-reads, `FILE` and `my_corpus.txt` with a text file, `...` with the overrides of the command before.
+Each fenced code block of README.md and of the pages under docs/ it links to is one test. Its
+`python train.py | eval.py | generate.py` and `python -m bigmodel...` commands (also after `srun`
+or inside `&&` chains, and `torchrun ... train.py`) run in order, in one fresh folder per block,
+as subprocesses of the user's CLI, with only the quick-check suffix the README documents (QUICK
+below). Placeholders are filled the way a user fills them: `<run>` and `ckpt_path=...` with the
+newest run of the block (a fixture run when the block has trained none), `DIR` with a data folder
+of the layout the command's `data=` option reads, `FILE` and `my_corpus.txt` with a text file,
+`...` with the overrides of the command before.
 A command added to the README is tested without touching this file.
 
 Commands that need what this machine lacks are listed in NEEDS by a piece of their text, with the
@@ -36,6 +37,8 @@ from tests.test_audio import tone, write_wav_folder
 from tests.test_image import write_image_folder
 
 README = ROOT / "README.md"
+# the README, then the pages it links to (the layout, the extending walk-throughs)
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 # The quick-check suffix the README documents ("Quick checks"), by script.
 QUICK = {
@@ -73,6 +76,7 @@ class Command:
     text: str  # as written (continuations joined)
     argv: list[str]  # from the script on: ["train.py", "model=gpt", ...] or ["-m", "bigmodel.x"]
     needs: str | None = None
+    page: str = "README.md"  # the page, from the repository root
 
 
 @dataclass
@@ -80,11 +84,13 @@ class Block:
     line: int
     heading: str
     commands: list[Command] = field(default_factory=list)
+    page: Path = README
 
     @property
     def id(self) -> str:
         slug = re.sub(r"[^a-z0-9]+", "-", self.heading.lower()).strip("-")
-        return f"L{self.line}-{slug}"
+        where = "" if self.page == README else f"{self.page.stem}-"
+        return f"{where}L{self.line}-{slug}"
 
 
 def _command_argv(tokens: list[str]) -> list[str] | None:
@@ -105,16 +111,21 @@ def _command_argv(tokens: list[str]) -> list[str] | None:
     return None
 
 
-def readme_blocks(text: str | None = None) -> list[Block]:
-    """Every fenced code block of the README that holds at least one bigmodel command."""
-    lines = (README.read_text() if text is None else text).splitlines()
+def _page_name(page: Path) -> str:
+    return str(page.relative_to(ROOT)) if page.is_relative_to(ROOT) else str(page)
+
+
+def readme_blocks(text: str | None = None, page: Path = README) -> list[Block]:
+    """Every fenced code block of the README (or of `page`) that holds at least one bigmodel
+    command."""
+    lines = (page.read_text() if text is None else text).splitlines()
     blocks, heading, i = [], "top", 0
     while i < len(lines):
         line = lines[i]
         if line.startswith("#") and not line.startswith("#!"):
             heading = line.lstrip("# ").strip()
         if line.lstrip().startswith("```"):
-            block = Block(i + 1, heading)
+            block = Block(i + 1, heading, page=page)
             i += 1
             while i < len(lines) and not lines[i].lstrip().startswith("```"):
                 start, logical = i, lines[i]
@@ -141,7 +152,7 @@ def readme_blocks(text: str | None = None) -> list[Block]:
                         continue
                     text_ = logical.split("#")[0].strip() if "#" in logical else logical.strip()
                     needs = next((why for key, why in NEEDS.items() if key in logical), None)
-                    block.commands.append(Command(start + 1, text_, argv, needs))
+                    block.commands.append(Command(start + 1, text_, argv, needs, _page_name(page)))
             if block.commands:
                 blocks.append(block)
         i += 1
@@ -150,13 +161,17 @@ def readme_blocks(text: str | None = None) -> list[Block]:
 
 # README sections that a test of their own follows (their commands need the files they add)
 OWN_TESTS = {
-    "Extending": "tests/test_extending.py",
     # a GPT-2 folder that transformers writes: tests/test_pretrained.py builds one
     "Starting from pretrained weights": "tests/test_pretrained.py",
     # chat models and conversation files that transformers writes: tests/test_chat.py
     "Post-training: chat fine-tuning and preferences": "tests/test_chat.py",
     # export.py, predict.py and a running serve.py with its client: tests/test_serve.py
     "Deploying a model": "tests/test_serve.py",
+}
+# docs pages that a test of their own follows, whole
+OWN_PAGES = {
+    # the walk-throughs add files to a copy of the project, then run their commands there
+    "extending.md": "tests/test_extending.py",
 }
 
 
@@ -167,10 +182,20 @@ def _outside_own_tests(blocks: list[Block]) -> list[Block]:
     for name in OWN_TESTS:
         start = lines.index(f"## {name}") + 1
         spans.append((start, min([s for s in starts if s > start] + [len(lines) + 1])))
-    return [b for b in blocks if not any(a <= b.line < z for a, z in spans)]
+    return [
+        b
+        for b in blocks
+        if b.page.name not in OWN_PAGES
+        and not (b.page == README and any(a <= b.line < z for a, z in spans))
+    ]
 
 
-BLOCKS = _outside_own_tests(readme_blocks())
+def all_blocks() -> list[Block]:
+    """The blocks of the README, then of each docs page."""
+    return [b for page in PAGES for b in readme_blocks(page=page)]
+
+
+BLOCKS = _outside_own_tests(all_blocks())
 
 
 # ------------------------------------------------------------------------------- fixtures
@@ -321,7 +346,7 @@ def run_command(
 ) -> list[str]:
     """Run one README command; fresh: in a plain interpreter (not forked), as first typed."""
     argv = fill(cmd.argv, cwd, previous)
-    where = f"README line {cmd.line}: {cmd.text}"
+    where = f"{cmd.page} line {cmd.line}: {cmd.text}"
     if cmd.needs:
         if argv[0] == "-m":  # the module still starts and explains itself
             proc = run_cli_module([argv[1], "--help"], cwd)
@@ -373,6 +398,29 @@ def test_readme_block_runs_as_written(block: Block, tmp_path):
 
 
 # ------------------------------------------------------------------------------- the parser
+def _anchor(title: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+
+
+def test_the_contents_list_every_section_and_link_every_docs_page():
+    """The README opens with its table of contents: every `##` and `###` heading, in order, with
+    its anchor; and every page under docs/ is linked from it and exists."""
+    text = README.read_text()
+    body = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # headings, not shell comments
+    headings = re.findall(r"^(##|###) (.+)$", body, re.M)
+    assert headings[0] == ("##", "Contents"), "the README does not open with ## Contents"
+    contents = text[text.index("## Contents\n") : text.index("\n## ", text.index("## Contents"))]
+    listed = re.findall(r"^( *)- \[(.+?)\]\(#([^)]+)\)", contents, re.M)
+    expected = [(" " * 2 * (len(h) - 2), t, _anchor(t)) for h, t in headings[1:]]
+    assert listed == expected
+    linked = set(re.findall(r"\]\((docs/[^)#]+\.md)\)", text))
+    assert linked == {_page_name(p) for p in PAGES[1:]}, linked
+    for page in linked:
+        assert (ROOT / page).is_file(), page
+        assert f"[{page}]({page})" in contents, f"the contents do not link {page}"
+
+
 def test_the_readme_has_commands_and_every_need_is_still_in_it():
     commands = [c for b in BLOCKS for c in b.commands]
     assert len(commands) >= 30, [c.text for c in commands]
@@ -389,7 +437,7 @@ def test_every_experiment_is_a_readme_command():
     through the CLI with its own defaults."""
     written = {
         a.split("=", 1)[1]
-        for b in readme_blocks()
+        for b in all_blocks()
         for c in b.commands
         for a in c.argv
         if a.startswith("experiment=")

@@ -1,8 +1,8 @@
 """Hugging Face checkpoints in and out of our decoder, through one adapter per model family.
 
-`FAMILIES` maps a config.json `model_type` to its `Family` (hf_gpt2.py, hf_llama.py, hf_qwen2.py,
-hf_qwen3.py, hf_mistral.py); nothing else names a family. Adding one is a module with a `FAMILY`
-and a line here.
+`FAMILIES` maps a config.json `model_type` to its `Family`, from the adapter modules `ADAPTERS`
+names (hf_gpt2.py, hf_llama.py, hf_qwen2.py, hf_qwen3.py, hf_mistral.py); nothing else names a
+family. Adding one is a module with a `FAMILY` and its name in `ADAPTERS` (docs/extending.md).
 
 In: `net_config(folder)` gives the `model.net` fields (bigmodel.nets.gpt.GPTConfig) that compute
 what the folder's model computes (a field of config.json that would change the computation and
@@ -14,6 +14,7 @@ architecture class.
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,19 @@ from bigmodel.files import readable_as_any_file
 from bigmodel.pretrained import hf_files
 from bigmodel.pretrained.adapter import Family
 
+# The adapters, one module of bigmodel.pretrained each, whose FAMILY names its model_type
+ADAPTERS = (
+    "hf_gpt2",
+    "hf_llama",
+    "hf_qwen2",
+    "hf_qwen3",
+    "hf_mistral",
+)
+
 
 def _families() -> dict[str, Family]:
-    from bigmodel.pretrained import hf_gpt2, hf_llama, hf_mistral, hf_qwen2, hf_qwen3
-
-    return {
-        m.FAMILY.model_type: m.FAMILY for m in (hf_gpt2, hf_llama, hf_qwen2, hf_qwen3, hf_mistral)
-    }
+    modules = [importlib.import_module(f"bigmodel.pretrained.{name}") for name in ADAPTERS]
+    return {m.FAMILY.model_type: m.FAMILY for m in modules}
 
 
 FAMILIES: dict[str, Family] = _families()
