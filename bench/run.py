@@ -37,6 +37,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "data": ["data_throughput.py"],
     "inference": ["inference.py"],
     "serving": ["serving.py"],
+    "generation": ["generation.py"],
 }
 
 
@@ -183,6 +184,20 @@ def named_rows(r: dict) -> list[tuple[str, tuple[str, str, str]]]:
             )
         )
     flush("serving")
+    for g in (r.get("generation") or {}).get("rows", []):
+        out.append(
+            (
+                f"decoding, {g['model']} ({g['params_m']} M), batch {g['batch']}, "
+                f"{g['prompt']} + {g['new_tokens']} tokens, greedy",
+                "`python bench/generation.py`",
+                f"{g['ours_tokens_per_s']} tokens/s "
+                f"(decode {g['ours_decode_ms_per_step']} ms/step) "
+                f"vs transformers' generate {g['theirs_tokens_per_s']} "
+                f"({g['theirs_decode_ms_per_step']} ms/step) = {g['ratio']}x; "
+                f"same tokens: {g['same_tokens']}; cache {g['cache_bytes_per_token']} B/token",
+            )
+        )
+    flush("generation")
     return done
 
 
