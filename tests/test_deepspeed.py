@@ -215,6 +215,15 @@ def test_lora_adapters_train_under_zero_2_and_3_on_cpu(deepspeed, tmp_path):
         assert r["adapters_moved"] and not r["base_moved"], (name, r)
 
 
+@pytest.mark.slow
+def test_the_llama_decoder_trains_under_zero_2_and_3_on_cpu(deepspeed, tmp_path):
+    """model=llama (RMSNorm, rotary, SwiGLU, grouped-query attention) under ZeRO 2 and 3, as the
+    GPT trains: every parameter sharded over 2 CPU ranks, the loss falls."""
+    results = _torchrun(tmp_path, "deepspeed_stage_2@llama", "deepspeed_stage_3@llama")
+    _check_trained(results)
+    assert all(r["net"] == ["rotary", "swiglu"] for r in results.values()), results
+
+
 def _lora(root: Path) -> list[str]:
     """LoRA on the GPT-2 folder the test wrote (its sizes are TINY_DS's)."""
     return [
@@ -227,7 +236,7 @@ def _lora(root: Path) -> list[str]:
 
 def _worker(root: Path, out: Path, strategies: list[str]) -> None:
     """One rank: train a tiny GPT with deepspeed.initialize for each strategy config
-    (`<name>@lora`: LoRA adapters on a pretrained GPT-2 instead)."""
+    (`<name>@lora`: LoRA adapters on a pretrained GPT-2 instead; `<name>@llama`: model=llama)."""
     import deepspeed
     import torch.distributed as dist
     import torch.nn.functional as F
@@ -238,7 +247,7 @@ def _worker(root: Path, out: Path, strategies: list[str]) -> None:
     results = {}
     for name in strategies:
         strategy, _, variant = name.partition("@")
-        extra = _lora(root) if variant == "lora" else []
+        extra = {"lora": _lora(root), "llama": ["model=llama"]}.get(variant, [])
         ds, task, dm, cfg = generated_config(
             strategy,
             ["precision=bf16-mixed", "optimizer.lr=0.01", "trainer.gradient_clip_val=1.0", *extra],
@@ -266,7 +275,8 @@ def _worker(root: Path, out: Path, strategies: list[str]) -> None:
             mean = loss.detach().clone()
             dist.all_reduce(mean)
             losses.append(float(mean) / world)
-        results[name] = {"losses": losses, "steps": steps}
+        net = task.net.config
+        results[name] = {"losses": losses, "steps": steps, "net": [net.positions, net.mlp]}
         if variant == "lora":
             with deepspeed.zero.GatheredParameters(list(task.parameters())):
                 # the engine keeps the module in bf16: a weight left alone is its bf16 rounding
