@@ -72,9 +72,14 @@ def chat_tokenizer(vocab: int = 300, template: str | None = CHATML):
 
 
 def write_chat_model(
-    folder: Path, family: str = "llama", template: str | None = CHATML, seed: int = 0
+    folder: Path,
+    family: str = "llama",
+    template: str | None = CHATML,
+    seed: int = 0,
+    sizes: dict | None = None,
 ) -> Path:
-    """A random `family` model with a chat tokenizer, saved by transformers in `folder`."""
+    """A random `family` model with a chat tokenizer, saved by transformers in `folder`
+    (`sizes`: its config's sizes, if not the tiny SIZES)."""
     import transformers
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,7 +90,7 @@ def write_chat_model(
         vocab_size=len(tok),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
-        **SIZES,
+        **(sizes or SIZES),
         **settings,
     )
     torch.manual_seed(seed)

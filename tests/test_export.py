@@ -82,7 +82,11 @@ def test_onnx_export_matches_pytorch(family, trained, tmp_path):
     out = tmp_path / "exported"
     export(ckpt, out, "format=onnx", "quantize=int8")
     meta = json.loads((out / "config.json").read_text())
-    graphs = ["encoder", "decoder_step"] if family == "seq2seq" else ["model"]
+    graphs = {
+        "seq2seq": ["encoder", "decoder_step"],
+        # a language model: the whole window, and the cached decoding's two graphs
+        "gpt": ["model", "prefill", "decode_step"],
+    }.get(family, ["model"])
     for g in graphs:
         assert (out / f"{g}.onnx").is_file() and (out / f"{g}.int8.onnx").is_file()
     assert (out / "model.safetensors").is_file()
