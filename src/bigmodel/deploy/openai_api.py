@@ -31,6 +31,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from bigmodel.deploy.assistant import Assistant, BadConversation, check_messages, replies
+from bigmodel.deploy.budget import SCOPE_KEY, OverBudget
 from bigmodel.sampling import RowSampling
 
 CHAT_PATH, COMPLETIONS_PATH, MODELS_PATH = "/v1/chat/completions", "/v1/completions", "/v1/models"
@@ -67,12 +68,13 @@ class RequestError(Exception):
 
 
 def error_response(status: int, message: str, param: str | None = None) -> JSONResponse:
-    kind = {404: "not_found_error", 413: "invalid_request_error"}.get(
+    kind = {404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error"}.get(
         status, "invalid_request_error" if status < 500 else "server_error"
     )
     return JSONResponse(
         {"error": {"message": message, "type": kind, "param": param, "code": None}},
         status_code=status,
+        headers={"Retry-After": "1"} if status == 429 else None,  # busy: worth another try
     )
 
 
@@ -272,8 +274,14 @@ class OpenAIRoutes(LitSpec):
             except (UnicodeDecodeError, ValueError) as e:
                 raise RequestError(400, f"the request body is not valid JSON ({e})") from None
             req = self.requests.job(payload, chat)
+            hold = request.scope.get(SCOPE_KEY)  # serve.py's middleware gives it back after
+            if hold is not None:
+                job = req["job"]
+                hold.take(len(job.ids) + job.sampling.max_new_tokens)
         except RequestError as e:
             return error_response(e.status, e.message, e.param)
+        except OverBudget as e:
+            return error_response(e.status, e.message, "max_tokens")
         uid = uuid.uuid4()
         q: deque = deque()
         event = asyncio.Event()

@@ -88,6 +88,14 @@ def check(
     payload: dict, kind: str, tokenizer=None, block_size: int = 0, limits: Limits | None = None
 ) -> dict:
     """The request's fields, checked and completed (see the module docstring)."""
+    return check_counted(payload, kind, tokenizer, block_size, limits)[0]
+
+
+def check_counted(
+    payload: dict, kind: str, tokenizer=None, block_size: int = 0, limits: Limits | None = None
+) -> tuple[dict, int]:
+    """`check`, and the tokens a language-model request holds while in flight (its prompt's,
+    counted once here, plus its max_new_tokens; 0 for other kinds): serve.py bounds their sum."""
     limits = limits or Limits()
     need = REQUIRED[kind]
     allowed = {need, *OPTIONAL.get(kind, ())}
@@ -103,7 +111,7 @@ def check(
         )
     value = payload[need]
     if kind in ("image", "audio"):
-        return {kind: _b64(value, need)}
+        return {kind: _b64(value, need)}, 0
     if kind == "regression":
         if not isinstance(value, list) or not all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
@@ -111,17 +119,19 @@ def check(
             raise RequestError(422, '"x" must be an array of numbers')
         if not all(math.isfinite(v) for v in value):
             raise RequestError(422, '"x" holds a NaN or infinite value')
-        return {"x": value}
+        return {"x": value}, 0
     if not isinstance(value, str):
         raise RequestError(422, f'"{need}" must be a string, got {_type_name(value)}')
     if kind == "seq2seq":
         if not value.strip():
             raise RequestError(422, '"text" is empty')
-        return {"text": value}
+        return {"text": value}, 0
     return _check_prompt(payload, value, tokenizer, block_size, limits)
 
 
-def _check_prompt(payload: dict, prompt: str, tokenizer, block_size: int, limits: Limits) -> dict:
+def _check_prompt(
+    payload: dict, prompt: str, tokenizer, block_size: int, limits: Limits
+) -> tuple[dict, int]:
     out: dict[str, Any] = {"prompt": prompt}
     out["max_new_tokens"] = limits.default_new_tokens
     if "max_new_tokens" in payload:
@@ -142,6 +152,7 @@ def _check_prompt(payload: dict, prompt: str, tokenizer, block_size: int, limits
     elif "top_k" in payload:
         out["top_k"] = None  # null: sample from every token
     out["seed"] = _int(payload, "seed", 0) if payload.get("seed") is not None else None
+    n = 0
     if tokenizer is not None:
         from bigmodel.errors import UserError
         from bigmodel.tasks.language_model import encode_prompt
@@ -156,4 +167,4 @@ def _check_prompt(payload: dict, prompt: str, tokenizer, block_size: int, limits
                 f'"prompt" is {n} tokens long and this model\'s context is {block_size} tokens; '
                 f"shorten it to at most {block_size} tokens",
             )
-    return out
+    return out, n + out["max_new_tokens"]

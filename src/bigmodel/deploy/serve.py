@@ -29,9 +29,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from starlette.responses import JSONResponse
 
+from bigmodel.deploy.budget import KEY as BUDGET_KEY
+from bigmodel.deploy.budget import SCOPE_KEY, Hold, OverBudget, TokenBudget
 from bigmodel.deploy.bundle import load_bundle
 from bigmodel.deploy.inputs import BadInput, decode_row, decoder
-from bigmodel.deploy.requests import Limits, RequestError, check, parse_json
+from bigmodel.deploy.openai_api import CHAT_PATH, COMPLETIONS_PATH
+from bigmodel.deploy.requests import Limits, RequestError, check, check_counted, parse_json
 from bigmodel.errors import UserError, reports_user_errors
 
 log = logging.getLogger("bigmodel")
@@ -46,14 +49,27 @@ class Invalid:
 
 class CheckRequests:
     """ASGI middleware: a POST body that is too large, not JSON, or not what the model takes is
-    answered here with one 4xx, before it reaches the queue and the batch."""
+    answered here with one 4xx, before it reaches the queue and the batch; so is a language-model
+    request past `max_concurrent_tokens` (bigmodel.deploy.budget), on every route."""
 
     def __init__(self, app, settings: dict) -> None:
         self.app, self.settings = app, settings
         self.paths = {"/predict", "/stream"}
+        lm = settings["check"]["kind"] == "lm"
+        self.budget = TokenBudget(settings["max_concurrent_tokens"]) if lm else None
+        # the /v1 routes check, render and count a request themselves: they take from the Hold
+        self.held_paths = {CHAT_PATH, COMPLETIONS_PATH} if lm else set()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        if scope["path"] in self.held_paths:
+            scope[SCOPE_KEY] = hold = Hold(self.budget)
+            try:
+                return await self.app(scope, receive, send)
+            finally:  # answered, failed or disconnected: its tokens are free again
+                hold.release()
+        if scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
         chunks, size, more = [], 0, True
         limit = self.settings["max_payload_bytes"]
@@ -67,9 +83,12 @@ class CheckRequests:
                     413, f"the request body is over {limit} bytes", scope, receive, send
                 )
         body = b"".join(chunks)
+        hold = Hold(self.budget) if self.budget is not None else None
         try:
-            check(parse_json(body), **self.settings["check"])
-        except RequestError as e:
+            _, tokens = check_counted(parse_json(body), **self.settings["check"])
+            if hold is not None:
+                hold.take(tokens)
+        except (RequestError, OverBudget) as e:
             return await self._reply(e.status, e.message, scope, receive, send)
         replayed = False
 
@@ -80,11 +99,18 @@ class CheckRequests:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if hold is not None:
+                hold.release()
 
     @staticmethod
     async def _reply(status: int, message: str, scope, receive, send) -> None:
-        await JSONResponse({"error": message}, status_code=status)(scope, receive, send)
+        headers = {"Retry-After": "1"} if status == 429 else None  # busy: worth another try
+        await JSONResponse({"error": message}, status_code=status, headers=headers)(
+            scope, receive, send
+        )
 
 
 class ModelAPI(ls.LitAPI):
@@ -255,6 +281,12 @@ def serve(cfg: DictConfig) -> None:
         raise UserError(f"port={cfg.port} must be from 1024 to 65535")
     if cfg.max_batch_size < 1 or cfg.batch_timeout < 0:
         raise UserError("max_batch_size must be >= 1 and batch_timeout >= 0 (seconds)")
+    bound = cfg.get(BUDGET_KEY)
+    if bound is not None and (isinstance(bound, bool) or not isinstance(bound, int) or bound < 1):
+        raise UserError(
+            f"{BUDGET_KEY}={bound} must be a whole number of tokens >= 1 (the prompt and "
+            f"max_new_tokens of every language-model request in flight, together); null: no bound"
+        )
     init_from = OmegaConf.select(cfg, "model.init_from", default=None)
     bundle = load_bundle(cfg.get("ckpt_path"), cfg.get("model_dir"), cfg.paths.log_dir, init_from)
     from bigmodel.deploy.runtime import Runner
@@ -292,7 +324,13 @@ def serve(cfg: DictConfig) -> None:
         middlewares=[
             (
                 CheckRequests,
-                {"settings": {"check": check_kwargs, "max_payload_bytes": cfg.max_payload_bytes}},
+                {
+                    "settings": {
+                        "check": check_kwargs,
+                        "max_payload_bytes": cfg.max_payload_bytes,
+                        "max_concurrent_tokens": bound,
+                    }
+                },
             )
         ],
     )
