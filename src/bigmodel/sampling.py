@@ -87,7 +87,9 @@ def generate(
     `new_cache(batch, size)` (bigmodel.nets.GPT) decodes from a key/value cache: the prompt runs
     once, then each step runs the new token only. Past `block_size` ids (the context the model
     was trained for), and for a plain function throughout, each step runs over the last
-    `block_size` ids. on_token(idx) is called after each step with every id so far (streaming).
+    `block_size` ids; a net with a `sliding_window` keeps decoding from its rolling cache
+    instead, positions going on (a prompt longer than block_size too, unless left-padded).
+    on_token(idx) is called after each step with every id so far (streaming).
 
     eos_id: a row that emits it is finished (it gets eos_id after, as padding); decoding stops
     when every row is. pad_mask (B, T): True at the real tokens of left-padded prompts (a batch
@@ -104,8 +106,11 @@ def generate(
     B = idx.shape[0]
     done = torch.zeros(B, 1, dtype=torch.bool, device=idx.device)
     cache = None
-    if cached and idx.shape[1] < block_size:
-        cache = logits_of.new_cache(B, min(block_size, idx.shape[1] + max_new_tokens))
+    # a sliding window attends to its last keys only: its cache rolls on past block_size
+    rolling = getattr(logits_of, "sliding_window", None) is not None and pad_mask is None
+    if cached and (idx.shape[1] < block_size or rolling):
+        size = idx.shape[1] + max_new_tokens
+        cache = logits_of.new_cache(B, size if rolling else min(block_size, size))
         logits = logits_of(idx, cache=cache, pad_mask=pad_mask)[:, -1, :]  # (B, V) prefill
     else:
         logits = _window(logits_of, idx, block_size, pad_mask)

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from bigmodel.errors import UserError
-from bigmodel.nets.kv_cache import KVCache, PastKV
+from bigmodel.nets.kv_cache import KVCache, PastKV, RollingKVCache
 from bigmodel.nets.layers import build_config, sdpa
 from bigmodel.nets.masks import packed_positions_and_mask, positions_and_mask
 from bigmodel.nets.rope import inv_frequencies, rotate
@@ -86,6 +86,10 @@ class GPTConfig:
     """Width of each head; null: n_embd / n_head (Qwen3 sets it apart)."""
     qk_norm: bool = False
     """RMSNorm over each head of the queries and keys before the rotation (Qwen3)."""
+    sliding_window: int | None = None
+    """Sliding-window attention (Mistral v0.1, rotary only): each query sees itself and the
+    window - 1 keys before it; decoding keeps only the window (RollingKVCache) and goes on past
+    block_size. null: full causal attention."""
     qkv_bias: bool | None = None
     """Bias in the query/key/value projection; null: `bias` (Qwen2: true with bias false)."""
     proj_bias: bool | None = None
@@ -119,6 +123,12 @@ class GPTConfig:
             raise UserError(
                 f"model.net.n_kv_head={self.n_kv_head} must divide model.net.n_head="
                 f"{self.n_head} (each key/value head serves a whole group of query heads)"
+            )
+        window = self.sliding_window
+        if window is not None and (window < 1 or self.positions != "rotary"):
+            raise UserError(
+                f"model.net.sliding_window={window} needs positions=rotary and a window >= 1 "
+                "(null: full causal attention)"
             )
         if self.positions == "rotary" and self.dim_per_head % 2:
             raise UserError(f"model.net.head_dim={self.dim_per_head} must be even for rotary")
@@ -297,6 +307,11 @@ class GPT(nn.Module):
     def vocab_size(self) -> int:
         return self.config.vocab_size
 
+    @property
+    def sliding_window(self) -> int | None:
+        """The attention window, or None: bigmodel.sampling decodes past block_size with it."""
+        return self.config.sliding_window
+
     def roles(self) -> dict[str, tuple[str, tuple[int, int] | None]]:
         """Where each projection of a block lives: role -> (Linear within the block, its output
         rows, or None for all of them). The fused layers hold several roles: attn.qkv has q, k,
@@ -344,21 +359,16 @@ class GPT(nn.Module):
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
     def new_cache(self, batch: int, size: int, device=None, dtype=None) -> KVCache:
-        """An empty key/value cache for `batch` rows of up to `size` positions (<= block_size),
-        in the dtype of the net's weights unless told."""
-        cfg = self.config
-        if size > cfg.block_size:
+        """An empty key/value cache for `batch` rows of `size` positions (past block_size: a
+        RollingKVCache of the sliding window), in the dtype of the net's weights unless told."""
+        cfg, weight = self.config, self.wte.weight
+        shape = (cfg.n_layer, batch, cfg.kv_heads, size, cfg.dim_per_head)
+        where = (device or weight.device, dtype or weight.dtype)
+        if size <= cfg.block_size:
+            return KVCache(*shape, *where)
+        if cfg.sliding_window is None:
             raise ValueError(f"a cache of {size} positions exceeds block_size {cfg.block_size}")
-        weight = self.wte.weight
-        return KVCache(
-            cfg.n_layer,
-            batch,
-            cfg.kv_heads,
-            size,
-            cfg.dim_per_head,
-            device or weight.device,
-            dtype or weight.dtype,
-        )
+        return RollingKVCache(*shape, cfg.sliding_window, *where)
 
     def forward(
         self,
@@ -380,18 +390,24 @@ class GPT(nn.Module):
         if documents is not None and (cache is not None or pad_mask is not None):
             raise ValueError("documents (packed windows) take neither a cache nor pad_mask")
         past = cache.length if cache is not None else 0
-        if self.config.block_size < past + T:
+        rolling = isinstance(cache, RollingKVCache)  # any length (and rows without padding)
+        if self.config.block_size < past + T and not rolling:
             raise ValueError(
                 f"sequence length {past + T} exceeds block_size {self.config.block_size}"
             )
+        # the window binds where keys can be further back than it: a rolling cache's prefill
+        # (its steps see the filled slots, which hold the window), or a block_size beyond it
+        window = self.config.sliding_window
+        if window is not None and (past > 0 if rolling else window >= self.config.block_size):
+            window = None
         x = self.wte(idx)  # (B, T, C)
         mask = None
         if documents is not None:
-            positions, mask = packed_positions_and_mask(documents)
-        elif cache is None and pad_mask is None:  # training and scoring: the plain causal path
+            positions, mask = packed_positions_and_mask(documents, window)
+        elif cache is None and pad_mask is None and window is None:  # training: plain causal
             positions = torch.arange(T, device=idx.device)
         else:
-            positions, mask = positions_and_mask(B, T, past, pad_mask, idx.device)
+            positions, mask = positions_and_mask(B, T, past, pad_mask, idx.device, window)
         if hasattr(self, "wpe"):
             x = x + self.wpe(positions)
         x = self.drop(x)

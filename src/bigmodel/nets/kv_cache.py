@@ -3,6 +3,9 @@ keys and values to while decoding, so that each new token runs alone over the ca
 
 - `KVCache`: allocated once for a batch and a number of positions, written in place (PyTorch
   decoding: generate.py, the server, the text samples).
+- `RollingKVCache`: the same for a sliding-window net (Mistral v0.1) decoding past its window:
+  only the last `window` positions are kept, in a ring of slots, so decoding goes on for any
+  number of tokens in the memory of the window.
 - `PastKV`: given as tensors and grown by concatenation, without in-place writes: the form an
   exported decoding graph takes its cache in and gives it back (bigmodel.deploy.graphs).
 
@@ -53,6 +56,51 @@ class KVCache:
     def bytes_per_token(self) -> int:
         n_layer, batch, n_kv, _, hs = self.k.shape
         return 2 * n_layer * n_kv * hs * self.k.element_size()
+
+
+class RollingKVCache(KVCache):
+    """A static cache of `min(window, size)` slots taking up to `size` positions: position p is
+    written to slot p % slots, over position p - window, which sliding-window attention no
+    longer sees. A decoding step attends to every filled slot: they hold exactly the window
+    (attention does not care in which order its keys come; each key was rotated at its own
+    absolute position when it was computed).
+
+    It takes a prefill (an empty cache, any number of positions: attention runs over the new
+    keys themselves, under the net's sliding-window mask, and the last slots' worth is kept),
+    then one position at a time; rows without left padding (bigmodel.sampling keeps padded
+    batches within block_size), since the slots carry no padding mask."""
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch: int,
+        n_kv_head: int,
+        size: int,
+        head_dim: int,
+        window: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__(n_layer, batch, n_kv_head, min(window, size), head_dim, device, dtype)
+        self.slots, self.size = min(window, size), size  # memory; positions it takes in all
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        T, past = k.shape[2], self.length
+        if past + T > self.size:
+            raise ValueError(f"the cache takes {self.size} positions; {past + T} were asked")
+        if past == 0:  # the prefill: its own keys; the last slots' worth is kept
+            keep = min(T, self.slots)
+            where = torch.arange(T - keep, T, device=k.device) % self.slots
+            self.k[layer].index_copy_(2, where, k[:, :, T - keep :])
+            self.v[layer].index_copy_(2, where, v[:, :, T - keep :])
+            return k, v
+        if T != 1:
+            raise ValueError("a rolling cache takes a prefill, then one position at a time")
+        slot = past % self.slots
+        self.k[layer, :, :, slot : slot + 1] = k
+        self.v[layer, :, :, slot : slot + 1] = v
+        filled = min(past + 1, self.slots)
+        return self.k[layer, :, :, :filled], self.v[layer, :, :, :filled]
 
 
 class PastKV:

@@ -98,6 +98,7 @@ def computed_fields(cfg: Any) -> dict[str, Any]:
         proj_bias=c.has_bias("proj"),
         mlp_bias=c.has_bias("mlp"),
         norm_bias=c.bias and c.norm == "layernorm",
+        sliding_window=c.sliding_window,
     )
     if c.positions == "rotary":
         scaling = dict(c.rope_scaling or {})

@@ -72,6 +72,7 @@ def net_config(hf: dict[str, Any], path: Path) -> dict[str, Any]:
         "mlp_bias": None,
         "tie_embeddings": True,
         "rope_scaling": None,
+        "sliding_window": None,
     }
 
 

@@ -9,7 +9,9 @@ The layout: `model.embed_tokens`, per layer `input_layernorm`, `self_attn.{q,k,v
 laid out) and SwiGLU are the same functions.
 
 A sliding attention window (Mistral v0.1's `sliding_window`, Qwen's `use_sliding_window`) is
-full causal attention up to its length: the net's context is capped there (longer is refused).
+full causal attention up to its length: the net's context is capped there (longer prompts are
+refused). Mistral's window, on every layer, is also the net's `sliding_window`, so decoding goes
+on past it from a rolling cache as transformers' does; Qwen's (on some layers only) is not.
 """
 
 from __future__ import annotations
@@ -130,6 +132,7 @@ def net_config(v: Variant, hf: dict[str, Any], path: Path) -> dict[str, Any]:
         "mlp_bias": _switch(hf, v.mlp_bias),
         "qk_norm": v.qk_norm,
         "tie_embeddings": bool(_get(hf, "tie_word_embeddings", False)),
+        "sliding_window": int(window) if window is not None and v.window == "mistral" else None,
     }
 
 
@@ -250,7 +253,7 @@ def hf_config(v: Variant, cfg: Any) -> dict[str, Any]:
         if isinstance(rule, str):
             out[rule] = out.get(rule, False) or on
     if v.window == "mistral":
-        out["sliding_window"] = None
+        out["sliding_window"] = cfg.sliding_window
     elif v.window == "qwen":
         out.update(use_sliding_window=False, sliding_window=None)
     return out
