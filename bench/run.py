@@ -171,6 +171,7 @@ def named_rows(r: dict) -> list[tuple[str, tuple[str, str, str]]]:
     for row in r.get("serving", []):
         serving.setdefault((row["model"], row["engine"], row["batching"]), []).append(row)
     for (model, engine, batching), group in serving.items():
+        size = f" ({group[0]['params_m']} M)" if "params_m" in group[0] else ""
         figures = "; ".join(
             f"c={g['concurrency']}: p50 {g['p50_ms']:.1f} ms, p99 {g['p99_ms']:.1f} ms, "
             f"{g['req_s']:.0f} req/s"
@@ -178,7 +179,7 @@ def named_rows(r: dict) -> list[tuple[str, tuple[str, str, str]]]:
         )
         out.append(
             (
-                f"serve.py: {model}, {engine}, batching {batching}",
+                f"serve.py: {model}{size}, {engine}, batching {batching}",
                 "`python bench/serving.py`",
                 figures,
             )

@@ -1,8 +1,12 @@
 """Serving benchmark: p50 / p99 latency and throughput of serve.py from a real HTTP client.
 
     python bench/serve.py --digits logs/train/runs/<digits_cnn run>/checkpoints/last.ckpt \
-        --gpt logs/train/runs/<char gpt run>/checkpoints/last.ckpt
+        --gpt logs/train/runs/<char gpt run>/checkpoints/last.ckpt \
+        --llama logs/train/runs/<model=llama run>/checkpoints/last.ckpt
 
+`--llama` is any other language model, a Llama-style one (bench/serving.py trains a 25 M one):
+it gets the GPT's requests, on PyTorch only unless `--llama-engines` says more (PyTorch decodes
+the requests of a batch together from one key/value cache, ONNX Runtime one after another).
 For each model, engine (PyTorch from the checkpoint, ONNX Runtime from a folder export.py writes
 here) and batching (on: `max_batch_size`, `batch_timeout`; off: one request at a time), it
 starts `serve.py` as a subprocess on a free loopback port, waits for GET /health, and sends
@@ -140,6 +144,16 @@ def gpt_body(max_new_tokens: int) -> bytes:
     return json.dumps({"prompt": "The ", "max_new_tokens": max_new_tokens}).encode()
 
 
+def params_m(ckpt: str) -> float:
+    """The net's parameters in millions, from the checkpoint (a tied head counted once: it
+    shares its storage with the embedding there too)."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+    unique = {t.data_ptr(): t.numel() for k, t in state.items() if k.startswith("net.")}
+    return round(sum(unique.values()) / 1e6, 1)
+
+
 def export_onnx(ckpt: str, out: Path) -> None:
     subprocess.run(
         [sys.executable, str(ROOT / "export.py"), f"ckpt_path={ckpt}", "format=onnx", f"out={out}"],
@@ -152,6 +166,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--digits", help="a digits_cnn checkpoint")
     ap.add_argument("--gpt", help="a char GPT checkpoint")
+    ap.add_argument("--llama", help="a Llama-style language model checkpoint")
+    ap.add_argument("--llama-engines", nargs="+", default=["torch"], help="of --engines")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=400, help="at most, per setting")
     ap.add_argument("--seconds", type=float, default=30, help="at most, per setting")
@@ -163,19 +179,20 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["torch", "onnx"])
     ap.add_argument("--json", help="also write the rows to this file")
     args = ap.parse_args()
-    models = {
-        k: str(Path(v).resolve()) for k, v in (("digits", args.digits), ("gpt", args.gpt)) if v
-    }
+    given = (("digits", args.digits), ("gpt", args.gpt), ("llama", args.llama))
+    models = {k: str(Path(v).resolve()) for k, v in given if v}
     if not models:
-        raise SystemExit("give --digits CKPT and/or --gpt CKPT")
+        raise SystemExit("give --digits CKPT, --gpt CKPT and/or --llama CKPT")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, ckpt in models.items():
             body = digits_body() if name == "digits" else gpt_body(args.max_new_tokens)
-            if "onnx" in args.engines:
+            engines = [e for e in args.engines if name != "llama" or e in args.llama_engines]
+            millions = params_m(ckpt)
+            if "onnx" in engines:
                 export_onnx(ckpt, work / name)
-            for engine in args.engines:
+            for engine in engines:
                 source = f"ckpt_path={ckpt}" if engine == "torch" else f"model_dir={work / name}"
                 for batching in ("on", "off"):
                     size = args.max_batch_size if batching == "on" else 1
@@ -186,6 +203,7 @@ def main() -> None:
                             f"max_batch_size={size}",
                             f"batch_timeout={args.batch_timeout}",
                             "max_new_tokens_limit=100000",
+                            "max_concurrent_tokens=null",  # every request served, none refused
                         ],
                         work,
                         args.threads,
@@ -198,6 +216,7 @@ def main() -> None:
                             r = drive(url, body, c, args.requests, args.seconds)
                             row = {
                                 "model": name,
+                                "params_m": millions,
                                 "engine": engine,
                                 "batching": batching,
                                 "concurrency": c,
@@ -216,7 +235,8 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['model']} | {r['engine']} | {r['batching']} | {r['concurrency']} | "
+            f"| {r['model']} ({r['params_m']} M) | {r['engine']} | {r['batching']} | "
+            f"{r['concurrency']} | "
             f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['req_s']:.1f} |"
         )
     if args.json:

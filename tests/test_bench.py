@@ -6,8 +6,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import sys
 from pydoc_data.topics import topics
+
+import pytest
 
 from tests import forkserver
 from tests.conftest import ROOT
@@ -61,3 +64,54 @@ def test_the_readme_performance_table_is_rendered_from_results_json():
     # every benchmark the runner knows has its figures in the file, and a row in the table
     assert set(run.BENCHMARKS) <= set(results)
     assert len(run.rows(results)) >= len(run.BENCHMARKS)
+
+
+def test_serving_rows_name_the_model_size_when_they_have_it():
+    run = bench_module("run")
+    row = {"engine": "torch", "batching": "on", "concurrency": 1, "p50_ms": 1, "p99_ms": 2}
+    rendered = run.rows(
+        {
+            "serving": [
+                {**row, "model": "llama", "params_m": 25.4, "req_s": 3},
+                {**row, "model": "gpt", "req_s": 5},
+            ]
+        }
+    )
+    assert [what for what, _, _ in rendered] == [
+        "serve.py: llama (25.4 M), torch, batching on",
+        "serve.py: gpt, torch, batching on",  # a row of before: as it was
+    ]
+
+
+@pytest.mark.slow  # a Llama trained one step and two servers: about a minute
+def test_serving_benchmark_takes_a_llama(tmp_path):
+    """bench/serve.py --llama: a Llama-style checkpoint gets the GPT's requests, on PyTorch
+    only by default (--llama-engines), batching on and off; its rows carry the net's size."""
+    import subprocess
+
+    from tests.conftest import run_cli, run_dirs
+
+    run_cli(
+        "train.py", "model=llama", "model.net.n_layer=2", "model.net.n_embd=64",
+        "trainer.max_steps=1", "test=false", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    (run_dir,) = run_dirs(tmp_path)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    # a plain interpreter: the benchmark starts and stops servers of its own
+    proc = subprocess.run(
+        [
+            sys.executable, str(ROOT / "bench" / "serve.py"), f"--llama={ckpt}",
+            "--engines", "torch", "onnx", "--concurrency", "1", "4", "--requests=4",
+            "--seconds=10", "--warmup=1", f"--json={tmp_path / 'rows.json'}",
+        ],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [(r["model"], r["engine"], r["batching"], r["concurrency"]) for r in rows] == [
+        ("llama", "torch", b, c) for b in ("on", "off") for c in (1, 4)
+    ]
+    assert all(r["n"] == 4 and 0 < r["p50_ms"] <= r["p99_ms"] and r["req_s"] > 0 for r in rows)
+    size = rows[0]["params_m"]
+    assert 0.1 < size < 1 and f"| llama ({size} M) | torch | on | 1 |" in proc.stdout
