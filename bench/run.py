@@ -32,6 +32,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "startup": ["startup.py"],
     "demo": ["demo.py"],
     "baby_gpt": ["baby_gpt.py", "--pairs", "2"],
+    "speedrun": ["speedrun.py", "--seeds", "3"],
     "levers": ["levers.py", "--steps", "300"],
     "lightning_overhead": ["lightning_overhead.py"],
     "data": ["data_throughput.py"],
@@ -110,6 +111,26 @@ def named_rows(r: dict) -> list[tuple[str, tuple[str, str, str]]]:
             )
         )
     flush("baby_gpt")
+    if sr := r.get("speedrun"):
+        ref_to = (
+            f"{sr['ref_median_to_target_s']} s"
+            if sr["ref_median_to_target_s"] is not None
+            else f"not reached by {sr['ref_reached_seeds'] and 'every seed' or 'any seed'} "
+            f"(whole run {sr['ref_median_wall_s']} s)"
+        )
+        bound = " (a bound: the reference never gets there)" if sr.get("ratio_is_bound") else ""
+        out.append(
+            (
+                f"CPU speedrun: wall to val loss {sr['target']} (whole val split), "
+                f"{sr['seeds']} seeds each",
+                "`python bench/speedrun.py`",
+                f"experiment=char_speedrun {sr['ours_median_wall_s']} s, every seed reached: "
+                f"{sr['ours_all_reached']}; nanoGPT's procedure {ref_to}; ratio "
+                f"{sr.get('ratio')}x{bound}; final val loss {sr['ours_val_loss']} / "
+                f"{sr['ref_val_loss']} (median, range)",
+            )
+        )
+    flush("speedrun")
     for lever in r.get("levers", []):
         out.append(
             (

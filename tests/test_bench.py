@@ -51,6 +51,24 @@ def test_the_nanogpt_reference_learns_characters(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert set(out) == {"wall_s", "ms_per_iter", "val_loss", "threads"}
     assert out["val_loss"] < math.log(vocab) - 1.0, out  # from uniform over the characters
+    # bench/speedrun.py's reading: every val window scored off the clock, and when it first got
+    # to the target
+    proc = forkserver.run(
+        [*proc.args, "--whole-val", "--target=3.0"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"OMP_NUM_THREADS": "1", "PATH": ""},
+    )
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    evals = out["evals"]  # [iteration, clock s, 20-batch estimate, whole split]
+    assert [e[0] for e in evals] == [0, 40, 80] and out["steps"] == 81
+    # the whole split and the 20-batch estimate agree, on the untrained model and after
+    assert abs(evals[0][3] - evals[0][2]) < 0.1 and evals[-1][3] < evals[0][3] - 1.0
+    assert abs(evals[-1][3] - evals[-1][2]) < 0.3 and out["whole_val_loss"] == evals[-1][3]
+    assert evals[0][1] < evals[1][1] < evals[2][1] <= out["wall_s"] and out["off_clock_s"] > 0
+    first = next(e for e in evals if e[3] <= 3.0)
+    assert out["reached"] == [first[0], first[1]], out
 
 
 def test_the_readme_performance_table_is_rendered_from_results_json():

@@ -143,6 +143,32 @@ def test_grouped_query_attention_is_attention_with_shared_key_value_heads():
         torch.testing.assert_close(mqa(idx), mha(idx))
 
 
+def test_zero_init_starts_each_block_as_the_identity_and_the_logits_uniform():
+    """zero_init: residual projections and an untied head are zero, nothing else changes."""
+    kw = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, bias=False)
+    kw.update(positions="rotary", norm="rmsnorm")
+    torch.manual_seed(0)
+    zero = GPT(**kw, zero_init=True, tie_embeddings=False, mlp="relu2", qk_norm=True).eval()
+    torch.manual_seed(0)
+    plain = GPT(**kw, tie_embeddings=False, mlp="relu2", qk_norm=True).eval()
+    zeroed = {k for k, v in zero.state_dict().items() if not v.any()}
+    assert zeroed == {
+        "lm_head.weight",
+        *(f"blocks.{i}.{m}.proj.weight" for i in (0, 1) for m in ("attn", "mlp")),
+    }, zeroed
+    for k, v in plain.state_dict().items():  # the same draws for every other weight
+        if k not in zeroed:
+            assert torch.equal(v, zero.state_dict()[k]), k
+    idx = torch.randint(0, 11, (2, 8))
+    with torch.no_grad():
+        assert not zero(idx).any()  # uniform: the first loss is log(vocab_size)
+        h = zero.wte(idx)
+        assert torch.equal(zero.blocks[0](h, zero.rope(8, h.device, h.dtype)), h)
+    # a tied head is the embedding, which keeps its draw
+    tied = GPT(**kw, zero_init=True)
+    assert tied.lm_head.weight.any() and not tied.blocks[0].mlp.proj.weight.any()
+
+
 def test_model_llama_trains_on_the_embedded_corpus(tmp_path):
     run_cli("train.py", "model=llama", *TINY_LM, "model.net.n_kv_head=1", cwd=tmp_path)
     (run,) = run_dirs(tmp_path)

@@ -41,6 +41,22 @@ def test_experiment_reaches_its_documented_quality(name, tmp_path):
     assert value >= bound if op == ">=" else value <= bound, (name, metric, value)
 
 
+def test_char_speedrun_reaches_the_target_on_the_bench_corpus(tmp_path):
+    """The CPU speedrun's recipe gets to nanoGPT's val loss (1.886, every window of the split)."""
+    corpus = tmp_path / "data" / "shakespeare.txt"
+    forkserver.run(
+        [sys.executable, str(ROOT / "bench" / "shakespeare.py"), "--out", str(corpus)], check=True
+    )
+    run_cli("train.py", "experiment=char_speedrun", f"data.path={corpus}", cwd=tmp_path)
+    (run,) = run_dirs(tmp_path)
+    value = _metrics(tmp_path)["val/loss"]
+    print(f"experiment=char_speedrun: val/loss = {value:.4f} (<= 1.886)")
+    assert value <= 1.886
+    # scored on every window of the validation split (no cap), once, at the end
+    cfg = (run / ".hydra" / "config.yaml").read_text()
+    assert "max_eval_windows: null" in cfg and "val_check_interval: 220" in cfg
+
+
 def test_baby_gpt_on_the_bench_corpus(tmp_path):
     """nanoGPT's baby GPT on the ~1.1 MB Shakespeare corpus: val/loss <= 1.95 in 2000 steps."""
     corpus = tmp_path / "data" / "shakespeare.txt"

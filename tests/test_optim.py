@@ -24,7 +24,7 @@ from bigmodel.nets import (
     SpecAugment,
     ViT,
 )
-from bigmodel.optim import WarmupCosineLR, param_groups
+from bigmodel.optim import WarmupCosineLR, WarmupStableDecayLR, param_groups
 from bigmodel.tasks import Task
 from tests.conftest import TINY_LM, logged, run_cli, run_dirs
 
@@ -182,6 +182,32 @@ def test_warmup_cosine_shape_and_resume():
     s2 = WarmupCosineLR(opt2, total_steps=100, warmup_steps=10)
     s2.load_state_dict(torch.load(buf, weights_only=True))
     assert s2.last_epoch == s.last_epoch and s2.factor(50) == s.factor(50)
+
+
+def test_warmup_stable_decay_is_its_formula_and_resumes_at_the_same_point():
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=2.0)
+    s = WarmupStableDecayLR(opt, total_steps=100, warmup_steps=10, decay_fraction=0.25)
+    lrs = []
+    for _ in range(110):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        s.step()
+    # MiniCPM's trapezoid: (i + 1) / 11 up, flat at the base lr, down in a line over the last
+    # 25 steps to min_lr_ratio (0) x lr at step 100, and there after
+    expect = [2.0 * (i + 1) / 11 for i in range(10)] + [2.0] * 65
+    expect += [2.0 * (1 - (i - 75) / 25) for i in range(75, 100)] + [0.0] * 10
+    assert lrs == pytest.approx(expect, abs=1e-12)
+    buf = io.BytesIO()
+    torch.save(s.state_dict(), buf)
+    buf.seek(0)
+    s2 = WarmupStableDecayLR(torch.optim.SGD([p], lr=2.0), total_steps=100, warmup_steps=10)
+    s2.load_state_dict(torch.load(buf, weights_only=True))
+    assert s2.decay_fraction == 0.25 and s2.last_epoch == 110
+    with pytest.raises(UserError, match=r"decay_fraction=0 must be in \(0, 1\]"):
+        WarmupStableDecayLR(opt, total_steps=100, decay_fraction=0)
+    with pytest.raises(UserError, match="the warmup-stable-decay schedule needs a positive"):
+        WarmupStableDecayLR(opt, total_steps=None)
 
 
 def test_schedule_needs_steps(caplog):

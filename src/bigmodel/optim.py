@@ -77,6 +77,8 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     floor). Equal totals resume the saved schedule bit for bit either way.
     """
 
+    shape = "cosine"
+
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
@@ -88,7 +90,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
     ) -> None:
         if total_steps is None or total_steps <= 0:
             raise UserError(
-                f"the cosine schedule needs a positive total_steps, got {total_steps}; set "
+                f"the {self.shape} schedule needs a positive total_steps, got {total_steps}; set "
                 "trainer.max_steps or scheduler.scheduler.total_steps"
             )
         if warmup_steps < 0:
@@ -96,8 +98,8 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         if on_resume not in ON_RESUME:
             raise UserError(
                 f"scheduler.scheduler.on_resume={on_resume!r} is not one of {', '.join(ON_RESUME)}"
-                ": replan re-plans the cosine to a resumed run's new total steps, saved keeps "
-                "the checkpoint's plan"
+                f": replan re-plans the {self.shape} to a resumed run's new total steps, saved "
+                "keeps the checkpoint's plan"
             )
         if warmup_steps >= total_steps:
             # Short debug runs: keep the schedule's shape rather than refusing to start. A run
@@ -161,7 +163,7 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
             else:
                 what = (
                     f"on_resume=saved keeps the saved plan, so training stops at step "
-                    f"{new_total}, before the cosine reaches its floor at step {saved_total}"
+                    f"{new_total}, before the {self.shape} reaches its floor at step {saved_total}"
                 )
             _log_once(f"{head}: {what}; scheduler.scheduler.on_resume=replan re-plans it")
             return
@@ -178,16 +180,59 @@ class WarmupCosineLR(torch.optim.lr_scheduler.LambdaLR):
         self._last_lr = lrs
         if step >= new_total:
             what = (
-                f"the cosine schedule is re-planned to {new_total} steps, which this run is "
+                f"the {self.shape} schedule is re-planned to {new_total} steps, which this run is "
                 f"already past: the lr stays at the floor (min_lr_ratio={self.min_lr_ratio} x lr)"
             )
         else:
-            what = f"the cosine schedule is re-planned to {new_total} steps"
+            what = f"the {self.shape} schedule is re-planned to {new_total} steps"
         _log_once(
             f"{head}: {what} (lr {self.base_lrs[0] * after:.4g} now, "
             f"{self.base_lrs[0] * before:.4g} under the saved plan); "
             "scheduler.scheduler.on_resume=saved keeps the saved plan"
         )
+
+
+class WarmupStableDecayLR(WarmupCosineLR):
+    """Warmup-stable-decay ("trapezoidal", MiniCPM; the modded-nanogpt speedrun's): linear
+    warmup over `warmup_steps`, the base lr held, then a linear decay over the last
+    `decay_fraction` of `total_steps` to `min_lr_ratio` x the base lr. Holding the lr high for
+    most of the run and cooling it at the end reaches a lower loss than a cosine of the same
+    length; the decay can also start from any saved stable-phase checkpoint. Resuming with
+    another total re-plans (or keeps) the schedule as WarmupCosineLR does.
+    """
+
+    shape = "warmup-stable-decay"
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        total_steps: int | None = None,
+        warmup_steps: int = 0,
+        decay_fraction: float = 0.3,
+        min_lr_ratio: float = 0.0,
+        last_epoch: int = -1,
+        on_resume: str = "replan",
+    ) -> None:
+        if not 0 < decay_fraction <= 1:
+            raise UserError(
+                f"scheduler.scheduler.decay_fraction={decay_fraction} must be in (0, 1]: the "
+                "share of the run spent cooling the lr down"
+            )
+        self.decay_fraction = decay_fraction
+        super().__init__(optimizer, total_steps, warmup_steps, min_lr_ratio, last_epoch, on_resume)
+
+    def factor(self, step: int) -> float:
+        if step >= self.total_steps:
+            return self.min_lr_ratio
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        decay_steps = max(1, round(self.decay_fraction * self.total_steps))
+        start = max(self.warmup_steps, self.total_steps - decay_steps)
+        if step < start:
+            return 1.0
+        # from 1 at `start` to min_lr_ratio at total_steps (the step after the last one)
+        progress = (step - start) / max(1, self.total_steps - start)
+        return 1.0 - (1.0 - self.min_lr_ratio) * progress
 
 
 def _log_once(message: str, level: int = logging.INFO) -> None:

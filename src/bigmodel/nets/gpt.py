@@ -98,6 +98,9 @@ class GPTConfig:
     """Bias in the MLP's projections; null: `bias`."""
     tie_embeddings: bool = True
     """The output head reuses the token embedding (GPT-2, small Llamas) or has its own weights."""
+    zero_init: bool = False
+    """Residual output projections (attn.proj, mlp.proj) and an untied head start at zero (the
+    modded-nanogpt speedrun): each block starts as the identity, the first logits are uniform."""
     family: str = "gpt2"
     """The Hugging Face model_type `export.py format=hf` writes this net as (gpt2, llama, qwen2,
     qwen3, mistral); it changes nothing in the computation."""
@@ -289,6 +292,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.zero_init:  # after the draws above: a seed gives the same other weights
+            for name, p in self.named_parameters():  # a tied head is named wte.weight here
+                if name.endswith("proj.weight") or name == "lm_head.weight":
+                    nn.init.zeros_(p)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
