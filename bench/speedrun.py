@@ -34,6 +34,8 @@ ABLATIONS: dict[str, list[str]] = {
     "recipe": [],
     "AdamW instead of Muon": [
         "optimizer=adamw",
+        "~optimizer.adam_lr",  # the experiment's Muon settings, which AdamW does not take
+        "~optimizer.momentum",
         "optimizer.lr=3e-3",
         "optimizer.betas=[0.9,0.95]",
         "optimizer.weight_decay=0",
@@ -147,7 +149,9 @@ def muon_vs_adamw(args: argparse.Namespace, data: str, work: Path) -> dict:
     adam_train = statistics.median(g["train_s"] for g in rows.values())
     muon_steps = None
     for lr in (0.01, 0.02, 0.04):
-        extra = ["optimizer=muon", f"optimizer.lr={lr}", "optimizer.weight_decay=0"]
+        # baby_gpt's AdamW betas are not Muon's; its AdamW part keeps Muon's defaults
+        extra = ["optimizer=muon", "~optimizer.betas", f"optimizer.lr={lr}"]
+        extra.append("optimizer.weight_decay=0")
         if muon_steps is None:  # its cost per step, from a short run
             probe = ours(data, work, 1337, [*extra, "trainer.max_steps=200"], "baby_gpt")
             muon_steps = int(steps * adam_train / (probe["train_s"] / 200 * steps))

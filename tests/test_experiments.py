@@ -54,7 +54,7 @@ def test_char_speedrun_reaches_the_target_on_the_bench_corpus(tmp_path):
     assert value <= 1.886
     # scored on every window of the validation split (no cap), once, at the end
     cfg = (run / ".hydra" / "config.yaml").read_text()
-    assert "max_eval_windows: null" in cfg and "val_check_interval: 220" in cfg
+    assert "max_eval_windows: null" in cfg and "val_check_interval: 180" in cfg
 
 
 def test_baby_gpt_on_the_bench_corpus(tmp_path):
