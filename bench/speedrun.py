@@ -49,6 +49,7 @@ ABLATIONS: dict[str, list[str]] = {
     "LayerNorm instead of RMSNorm": ["model.net.norm=layernorm"],
     "cosine instead of warmup-stable-decay": [
         "scheduler=warmup_cosine",
+        "~scheduler.scheduler.decay_fraction",  # warmup-stable-decay's, set by the experiment
         "scheduler.scheduler.warmup_steps=0",
     ],
     "fp32 instead of bf16-mixed": ["precision=32-true"],
@@ -129,6 +130,8 @@ def speedrun(args: argparse.Namespace, data: str, work: Path) -> dict:
 def ablate(args: argparse.Namespace, data: str, work: Path) -> dict:
     rows = {}
     for name, overrides in ABLATIONS.items():
+        if args.only and not any(word in name for word in args.only):
+            continue
         got = ours(data, work, 1337, [*overrides, *args.overrides], "char_speedrun")
         rows[name] = got
         print(f"{name}: {json.dumps(got)}", flush=True)
@@ -140,7 +143,7 @@ def muon_vs_adamw(args: argparse.Namespace, data: str, work: Path) -> dict:
     Muon's step costs more, so it gets fewer steps: as many as fit in AdamW's training time."""
     steps = args.baby_steps
     rows: dict[str, dict] = {}
-    for lr in (1e-3, 2e-3, 4e-3):
+    for lr in (1e-3, 2e-3, 4e-3, 8e-3):
         got = ours(
             data, work, 1337, [f"trainer.max_steps={steps}", f"optimizer.lr={lr}"], "baby_gpt"
         )
@@ -153,9 +156,12 @@ def muon_vs_adamw(args: argparse.Namespace, data: str, work: Path) -> dict:
         extra = ["optimizer=muon", "~optimizer.betas", f"optimizer.lr={lr}"]
         extra.append("optimizer.weight_decay=0")
         if muon_steps is None:  # its cost per step, from a short run
-            probe = ours(data, work, 1337, [*extra, "trainer.max_steps=200"], "baby_gpt")
-            muon_steps = int(steps * adam_train / (probe["train_s"] / 200 * steps))
-        got = ours(data, work, 1337, [*extra, f"trainer.max_steps={muon_steps}"], "baby_gpt")
+            # 250 steps: baby_gpt validates every 250
+            probe = ours(data, work, 1337, [*extra, "trainer.max_steps=250"], "baby_gpt")
+            muon_steps = int(adam_train / (probe["train_s"] / 250))
+        # validating at its last step, as AdamW's 1000 do (baby_gpt validates every 250)
+        ends = [f"trainer.max_steps={muon_steps}", f"trainer.val_check_interval={muon_steps}"]
+        got = ours(data, work, 1337, [*extra, *ends], "baby_gpt")
         rows[f"muon lr={lr}"] = got
         print(f"muon lr={lr}: {json.dumps(got)}", flush=True)
     return {"muon_vs_adamw": rows}
@@ -168,6 +174,7 @@ def main() -> None:
     ap.add_argument("--target", type=float, default=1.886)
     ap.add_argument("--ablate", action="store_true", help="one ingredient out at a time")
     ap.add_argument("--muon-vs-adamw", action="store_true", help="on the unchanged baby GPT")
+    ap.add_argument("--only", nargs="+", help="--ablate: the rows whose name has one of these")
     ap.add_argument("--baby-steps", type=int, default=1000, help="AdamW's steps there")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides for our side")
