@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, into one JSON file and the README's performance table.
 
-    python bench/run.py                       # all of them (about 30 minutes on 2 cores)
+    python bench/run.py                       # all of them (about 45 minutes on 2 cores)
     python bench/run.py --only startup demo   # some; the others keep their last figures
     python bench/run.py --table               # only rewrite the README table from the JSON
 
