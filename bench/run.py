@@ -112,12 +112,11 @@ def named_rows(r: dict) -> list[tuple[str, tuple[str, str, str]]]:
         )
     flush("baby_gpt")
     if sr := r.get("speedrun"):
-        ref_to = (
-            f"{sr['ref_median_to_target_s']} s"
-            if sr["ref_median_to_target_s"] is not None
-            else f"not reached by {sr['ref_reached_seeds'] and 'every seed' or 'any seed'} "
-            f"(whole run {sr['ref_median_wall_s']} s)"
-        )
+        if sr["ref_median_to_target_s"] is not None:
+            ref_to = f"{sr['ref_median_to_target_s']} s"
+        else:
+            which = "every seed" if sr["ref_reached_seeds"] else "any seed"
+            ref_to = f"not reached by {which} (whole run {sr['ref_median_wall_s']} s)"
         bound = " (a bound: the reference never gets there)" if sr.get("ratio_is_bound") else ""
         out.append(
             (

@@ -58,8 +58,8 @@ CASES = [
     # an option a config group does not have: the ones it has
     case("option", "train.py", "model=nope", "model=nope is not an option; choose one of: audio_cnn, cnn, gpt, gpt2_124m", quick=True),
     case("option", "train.py", "optimizer=adamm", "optimizer=adamm is not an option; choose one of: adagrad, adam, adamw", quick=True),
-    case("option", "train.py", "experiment=baby", "experiment=baby is not an option; choose one of: baby_gpt, digits_cnn", quick=True),
-    case("option", "train.py", "-m  hparams_search=gpt", "hparams_search=gpt is not an option; choose one of: digits_optuna, gpt_optuna", quick=True),
+    case("option", "train.py", "experiment=baby", "experiment=baby is not an option; choose one of: baby_gpt, char_speedrun, digits_cnn", quick=True),
+    case("option", "train.py", "-m  hparams_search=gpt", "hparams_search=gpt is not an option; choose one of: char_speedrun_optuna, digits_optuna, gpt_optuna", quick=True),
     case("option", "eval.py", f"{CK}  trainer=tpu", "trainer=tpu is not an option; choose one of: cpu, ddp", quick=True),
     # a value of the wrong type
     case("type", "train.py", "data.batch_size=twelve", "data.batch_size='twelve' must be int; fix the value of data.batch_size", quick=True),
