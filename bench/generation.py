@@ -9,7 +9,11 @@ a 64-token prompt, 256 new tokens, greedy, batch 1 and 8. Reported per side: pre
 prompt's forward), decode ms per step (each step makes one token per row) and tokens/s over
 the whole generation; the ratio is ours over transformers' tokens/s. Each figure is the median
 of `--repeats` alternating runs after one warm-up of each. The outputs are checked equal first
-(greedy: the same tokens). Also the cache's bytes per token. `--json FILE` writes the figures.
+(greedy: the same tokens). Also the cache's bytes per token, and the floor of a decode step: the
+net's weight matmuls alone (every Linear and the head applied to one token per row, nothing else),
+which at batch 1 reads every weight once and so is bound by memory bandwidth; each side's decode
+step is reported over it. `--dtype bfloat16` runs both sides with bf16 weights. `--json FILE`
+writes the figures.
 """
 
 from __future__ import annotations
@@ -107,9 +111,27 @@ def theirs(model, idx: torch.Tensor, new: int) -> tuple[float, float, torch.Tens
     return t1 - t0, (t2 - t1) - (t1 - t0), ids
 
 
-def measure(name: str, batch: int, prompt: int, new: int, repeats: int) -> dict:
+def floor_ms(net, batch: int, repeats: int = 30) -> tuple[float, int]:
+    """(ms, bytes): one pass of the net's weight matmuls at one token per row, and the bytes of
+    those weights: what a decode step cannot go below without reading fewer bytes."""
+    weights = [m.weight for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    xs = [torch.randn(batch, w.shape[1], dtype=w.dtype) for w in weights]
+    times = []
+    with torch.no_grad():
+        for i in range(repeats + 3):
+            t = time.perf_counter()
+            for x, w in zip(xs, weights, strict=True):
+                torch.nn.functional.linear(x, w)
+            if i >= 3:  # after a warm-up
+                times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times), sum(w.numel() * w.element_size() for w in weights)
+
+
+def measure(name: str, batch: int, prompt: int, new: int, repeats: int, dtype=None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         net, model = build(name, Path(d))
+    if dtype is not None:
+        net, model = net.to(dtype), model.to(dtype)
     idx = torch.randint(0, MODELS[name]["vocab_size"], (batch, prompt))
     a, b = ours(net, idx, new), theirs(model, idx, new)  # warm-up, and the same tokens
     same = torch.equal(a[2], b[2])
@@ -128,6 +150,12 @@ def measure(name: str, batch: int, prompt: int, new: int, repeats: int) -> dict:
         out[f"{side}_tokens_per_s"] = round(batch * new / (prefill + decode), 1)
     out["ratio"] = round(out["ours_tokens_per_s"] / out["theirs_tokens_per_s"], 2)
     out["cache_bytes_per_token"] = net.new_cache(1, 1).bytes_per_token()
+    floor, nbytes = floor_ms(net, batch)
+    out["dtype"] = str(net.wte.weight.dtype).removeprefix("torch.")
+    out["floor_decode_ms"] = round(floor, 2)
+    out["floor_weights_gb_per_s"] = round(nbytes / floor / 1e6, 1)
+    for side in ("ours", "theirs"):
+        out[f"{side}_decode_over_floor"] = round(out[f"{side}_decode_ms_per_step"] / floor, 2)
     return out
 
 
@@ -135,14 +163,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a tiny model, 32 new tokens")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--models", nargs="*", help="of: " + ", ".join(MODELS))
     ap.add_argument("--json", help="write the figures here")
     args = ap.parse_args()
-    names = ["tiny"] if args.quick else ["llama_25m", "smollm2_135m"]
+    names = args.models or (["tiny"] if args.quick else ["llama_25m", "smollm2_135m"])
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
     new = 32 if args.quick else 256
     rows = []
     for name in names:
         for batch in (1, 8):
-            row = measure(name, batch, 64, new, 1 if args.quick else args.repeats)
+            row = measure(name, batch, 64, new, 1 if args.quick else args.repeats, dtype)
             rows.append(row)
             print(json.dumps(row))
     result = {"threads": torch.get_num_threads(), "rows": rows}

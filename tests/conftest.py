@@ -68,7 +68,14 @@ FAMILIES = {
         "model.net.widths=[8,16]",
     ],
     "mlp": ["experiment=regression", "trainer.max_epochs=3"],
-    "gpt": [*TINY_LM, "trainer.max_steps=60", "optimizer.lr=0.01", "trainer.val_check_interval=30"],
+    # GPT-2's shape and AdamW (model=gpt), which the GPT-2 exports and imports start from
+    "gpt": [
+        "model=gpt",
+        *TINY_LM,
+        "trainer.max_steps=60",
+        "optimizer.lr=0.01",
+        "trainer.val_check_interval=30",
+    ],
     "seq2seq": [
         "experiment=translation",
         "data.num_train=300",

@@ -79,7 +79,7 @@ CASES = [
     case("value", "train.py", "global_batch_size=7", "global_batch_size=7 is not a positive multiple of data.batch_size"),
     case("value", "train.py", "precision=17", "precision=17 is not one of transformer-engine, transformer-engine-float16, 16-true, 16-mixed"),
     case("value", "train.py", "trainer.devices=0", "trainer: `Trainer(devices=0)` value is not a valid input"),
-    case("value", "train.py", "+optimizer.fused=true  precision=bf16-mixed", "optimizer.fused=true does not work with precision=bf16-mixed and gradient clipping"),
+    case("value", "train.py", "optimizer=adamw  +optimizer.fused=true  precision=bf16-mixed", "optimizer.fused=true does not work with precision=bf16-mixed and gradient clipping"),
     case("value", "train.py", "resume=sometimes", "resume=sometimes is not one of auto, never"),
     case("value", "train.py", "extras.print_config=loud", "extras.print_config=loud is not one of short, full, none"),
     case("value", "train.py", "trainer.max_steps=(", "cannot read the override trainer.max_steps=(: quote a value", quick=True),
@@ -112,7 +112,7 @@ CASES = [
     case("checkpoint", "generate.py", "ckpt_path={files}/weights.ckpt", "{files}/weights.ckpt carries no bigmodel run config"),
     case("checkpoint", "eval.py", "ckpt_path=last  paths.log_dir={files}/nologs", "ckpt_path=last found no checkpoint"),
     case("checkpoint", "train.py", f"{CK}  model.net.n_embd=64", "does not fit this model (shape of net.wte.weight)"),
-    case("checkpoint", "train.py", f"{CK}  model.net.n_layer=2", "does not fit this model (6 weights it lacks, such as net.blocks.1.ln_1.weight)", quick=True),
+    case("checkpoint", "train.py", f"{CK}  model.net.n_layer=2", "does not fit this model (8 weights it lacks, such as net.blocks.1.ln_1.weight)", quick=True),
     # data that does not fit the checkpoint or the model
     case("data", "train.py", f"{CK}  data=regression  model=mlp  loss=mse", "was trained on bigmodel.data.TextDataModule data, but this run loads"),
     case("data", "train.py", f"{CK}  data.splits=[0.8,0.1,0.1]", "the checkpoint's training set had 13079 items an epoch and this one has 11626"),
@@ -123,9 +123,9 @@ CASES = [
     case("data", "train.py", "experiment=digits_cnn  loss=mse", "loss=mse (MSELoss) does not fit classification (a Classifier takes CrossEntropyLoss, MultiMarginLoss): use loss=cross_entropy or loss=hinge", quick=True),
     case("data", "train.py", "experiment=translation  loss=hinge", "loss=hinge (MultiMarginLoss) does not fit translation (a Seq2Seq takes CrossEntropyLoss): use loss=cross_entropy"),
     case("data", "train.py", "loss=mse", "loss=mse: a LanguageModel is trained with its own loss and takes none; leave loss=mse out", quick=True),
-    case("data", "train.py", "data=digits", "data=digits is image classification, and model=gpt is a LanguageModel for language modelling: use model=cnn or model=vit", quick=True),
-    case("data", "train.py", "data=chat", "data=chat is chat conversations (loss on assistant turns), and model=gpt is a LanguageModel for language modelling: use experiment=sft", quick=True),
-    case("data", "train.py", "data=translation", "data=translation is parallel sentences for translation, and model=gpt is a LanguageModel for language modelling: use model=seq2seq"),
+    case("data", "train.py", "data=digits", "data=digits is image classification, and model=speedrun is a LanguageModel for language modelling: use model=cnn or model=vit", quick=True),
+    case("data", "train.py", "data=chat", "data=chat is chat conversations (loss on assistant turns), and model=speedrun is a LanguageModel for language modelling: use experiment=sft", quick=True),
+    case("data", "train.py", "data=translation", "data=translation is parallel sentences for translation, and model=speedrun is a LanguageModel for language modelling: use model=seq2seq"),
     case("data", "train.py", "model=cnn", "data=text is language-modelling text, and model=cnn is a Classifier for classification: use model=gpt", quick=True),
     case("data", "train.py", "data=spoken_digits  model=cnn", "model=cnn needs model.net.in_channels, which data=spoken_digits (audio classification) does not give (it gives num_classes, sample_rate): use model=audio_cnn", quick=True),
     case("data", "train.py", "model.net.vocab_size=50", "model.net.vocab_size=50 is smaller than the data's vocab_size=104; leave model.net.vocab_size out (it follows the data) or set it to 104 or more", quick=True),
@@ -249,6 +249,6 @@ def test_a_deeper_checkpoint_than_the_model_is_refused_in_one_line(tmp_path):
     proc = run_cli("train.py", *TINY_LM, f"ckpt_path={ckpt}", cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines() == [
-        f"error: {ckpt} does not fit this model (6 weights this model has no place for, such as "
+        f"error: {ckpt} does not fit this model (8 weights this model has no place for, such as "
         "net.blocks.1.ln_1.weight); resume with the model config it was trained with"
     ]

@@ -121,7 +121,7 @@ def test_a_run_starts_with_its_directory_overrides_and_options(lm):
     head = proc.stdout.splitlines()[:4]
     assert head[0] == f"train: run directory logs/train/runs/{run.name}"
     assert head[1] == f"  overrides  {' '.join(TINY_LM)}"
-    assert head[2].startswith("  options    data=text model=gpt optimizer=adamw")
+    assert head[2].startswith("  options    data=text optimizer=muon scheduler=wsd model=speedrun")
     assert head[3].startswith(f"  config     logs/train/runs/{run.name}/.hydra/config.yaml")
     assert "CONFIG" not in proc.stdout
     # a plain interpreter: --cfg job answers without loading torch, which a fork would hide

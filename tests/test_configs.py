@@ -261,3 +261,36 @@ def test_config_composes_and_instantiates(group: str, option: str, tmp_path: Pat
 def test_primary_configs_compose(name: str, tmp_path: Path) -> None:
     cfg = compose_config(name, [] if name == "train" else ["ckpt_path=x.ckpt"], tmp_path)
     assert cfg.task_name == name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "optimizer", "scheduler"),
+    [
+        ([], "bigmodel.muon.MuonAdamW", "bigmodel.optim.WarmupStableDecayLR"),  # the default
+        (["model=speedrun"], "bigmodel.muon.MuonAdamW", "bigmodel.optim.WarmupStableDecayLR"),
+        (["model=gpt"], "torch.optim.AdamW", "bigmodel.optim.WarmupCosineLR"),
+        (["model=llama"], "torch.optim.AdamW", "bigmodel.optim.WarmupCosineLR"),
+        # the command line outranks a preset's own choice
+        (["optimizer=sgd"], "torch.optim.SGD", "bigmodel.optim.WarmupStableDecayLR"),
+        (["scheduler=warmup_cosine"], "bigmodel.muon.MuonAdamW", "bigmodel.optim.WarmupCosineLR"),
+        (
+            ["model=gpt", "optimizer=muon"],
+            "bigmodel.muon.MuonAdamW",
+            "bigmodel.optim.WarmupCosineLR",
+        ),
+        # and so do experiments
+        (
+            ["experiment=baby_gpt", "data.path=x"],
+            "torch.optim.AdamW",
+            "bigmodel.optim.WarmupCosineLR",
+        ),
+    ],
+)
+def test_a_model_preset_chooses_its_optimizer_and_schedule(
+    overrides, optimizer, scheduler, tmp_path
+):
+    """model=speedrun (the default) names Muon and warmup-stable-decay in its defaults list;
+    the other presets keep train.yaml's AdamW and warmup-cosine, and the command line wins."""
+    cfg = compose_config("train", overrides, tmp_path, hydra=True)
+    assert cfg.optimizer._target_ == optimizer
+    assert cfg.scheduler.scheduler._target_ == scheduler

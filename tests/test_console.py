@@ -297,8 +297,12 @@ def test_last_checkpoint_writes_nothing_under_fast_dev_run(tmp_path, monkeypatch
 
 # ------------------------------------------------------------------- warnings that said nothing
 def smoke_args(*extra: str) -> list[str]:
-    """TINY_LM as a user's smoke run: its scheduler's own warmup (100 steps), a few steps."""
-    return [a for a in TINY_LM if not a.startswith("scheduler.")] + list(extra)
+    """TINY_LM as a user's smoke run: a scheduler's own warmup (warmup_cosine's 100 steps), a
+    few steps."""
+    return [a for a in TINY_LM if not a.startswith("scheduler.")] + [
+        "scheduler=warmup_cosine",
+        *extra,
+    ]
 
 
 def test_a_piped_smoke_run_prints_no_warning_and_no_colour_code(tmp_path):

@@ -76,6 +76,7 @@ def test_a_checkpoint_of_the_gpt_before_exports_and_resumes(tmp_path):
         assert (hf(want["idx"]).logits - want["logits"]).abs().max() < 1e-5
     run_cli(
         "train.py",
+        "model=gpt",  # the default of train.py then, model=speedrun now
         f"ckpt_path={ckpt}",
         "trainer.max_steps=5",
         "data.batch_size=4",

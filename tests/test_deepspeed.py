@@ -38,6 +38,8 @@ TINY_DS = [o for o in TINY_LM if not o.startswith(("callbacks.", "scheduler."))]
     "logger=[]",
     "data.batch_size=4",
     "scheduler=none",
+    # Muon (model=speedrun's optimizer) orthogonalizes whole matrices, which ZeRO shards
+    "optimizer=adamw",
 ]
 
 

@@ -171,7 +171,13 @@ def test_sample_callback_without_its_prompt_character_keeps_training(tmp_path):
 def test_sample_callback_survives_a_diverged_model(tmp_path):
     """Non-finite logits cannot be sampled: the sample is skipped, with a warning."""
     # the loss guard off (a user's choice), so that the NaN reaches the weights and the sampler
-    args = [*TINY_LM, "optimizer.lr=1e9", "callbacks.loss_guard=null", "test=false"]
+    args = [
+        *TINY_LM,
+        "optimizer=adamw",
+        "optimizer.lr=1e9",
+        "callbacks.loss_guard=null",
+        "test=false",
+    ]
     proc = run_cli("train.py", *args, cwd=tmp_path)
     (run,) = run_dirs(tmp_path)
     assert "--- sample at step" not in proc.stdout

@@ -1,9 +1,9 @@
 """The loss guard: a NaN or spiking loss stops the run or drops the update, before the weights move.
 
-The NaN is real: AdamW at lr=1e4 (weight decay 0.1 multiplies every weight by about -1e3 a step)
-overflows float32 within a few steps, and the first non-finite training loss comes from weights
-that are still finite. The unit tests use a one-weight regression on rows the test chooses, and
-two DDP ranks on CPU that see different bad rows.
+The NaN is real: the GPT (model=gpt) with AdamW at lr=1e4 (weight decay 0.1 multiplies every
+weight by about -1e3 a step) overflows float32 within a few steps, and the first non-finite
+training loss comes from weights that are still finite. The unit tests use a one-weight
+regression on rows the test chooses, and two DDP ranks on CPU that see different bad rows.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from bigmodel.callbacks.loss_guard import LossGuard
 from bigmodel.errors import UserError
 from tests.conftest import ROOT, TINY_LM, logged, run_cli, run_dirs
 
-DIVERGE = ["optimizer.lr=1e4", "trainer.gradient_clip_val=null"]
+DIVERGE = ["model=gpt", "optimizer.lr=1e4", "trainer.gradient_clip_val=null"]
 
 
 def checkpoints(run: Path) -> dict[str, dict]:

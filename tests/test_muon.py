@@ -146,9 +146,10 @@ def test_a_run_with_muon_trains_clips_logs_and_resumes(tmp_path):
     a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True) for d in (whole, halves))
     assert a["global_step"] == b["global_step"] == 12
     groups = a["optimizer_states"][0]["param_groups"]
-    # the GPT's head is its embedding (tied): Muon's matrices, then AdamW's embedding and norms
-    assert [g["muon"] for g in groups] == [True, False]
-    assert [g["initial_lr"] for g in groups] == [0.02, 0.003]  # each its own base lr
-    assert [c for c in header if c.startswith("lr-")] == ["lr-MuonAdamW/pg1", "lr-MuonAdamW/pg2"]
+    # model=speedrun's head is untied: Muon's matrices, AdamW's head (decayed when weight decay
+    # is set), then AdamW's embedding and norms (never decayed)
+    assert [g["muon"] for g in groups] == [True, False, False]
+    assert [g["initial_lr"] for g in groups] == [0.02, 0.003, 0.003]  # each its own base lr
+    assert [c for c in header if c.startswith("lr-")] == [f"lr-MuonAdamW/pg{i}" for i in (1, 2, 3)]
     for k, v in a["state_dict"].items():
         torch.testing.assert_close(b["state_dict"][k], v, rtol=0, atol=0, msg=k)

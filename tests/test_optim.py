@@ -345,6 +345,7 @@ def test_on_resume_is_the_resuming_runs_choice():
 def test_train_py_extends_a_finished_run(tmp_path):
     """Resuming with a larger trainer.max_steps re-plans the cosine (or keeps the floor)."""
     base = [
+        "model=gpt",  # AdamW and warmup-cosine
         *TINY_LM,
         "trainer.max_steps=8",
         "trainer.val_check_interval=4",

@@ -45,11 +45,13 @@ def test_optimizer_trains(name, tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "kernels"),
     [
-        ([], {"fused": True}),  # AdamW on one device: the fused kernel (bench/levers.py)
+        (["optimizer=adamw"], {"fused": True}),  # AdamW on one device: fused (bench/levers.py)
         (["optimizer=sgd"], {"foreach": True}),  # others: foreach, not torch's CPU loop
-        (["precision=bf16-mixed"], {"foreach": True}),  # clipping under autocast: not fused
-        (["+optimizer.fused=true"], {"fused": True}),  # what a user asks for replaces ours
-        (["+optimizer.foreach=false"], {"foreach": False}),
+        # clipping under autocast: not fused
+        (["optimizer=adamw", "precision=bf16-mixed"], {"foreach": True}),
+        # what a user asks for replaces ours
+        (["optimizer=adamw", "+optimizer.fused=true"], {"fused": True}),
+        (["optimizer=adamw", "+optimizer.foreach=false"], {"foreach": False}),
     ],
 )
 def test_optimizer_update_kernels(overrides, kernels, tmp_path):

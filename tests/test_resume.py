@@ -188,8 +188,10 @@ def test_gpt_under_ddp_on_two_processes_resumes_bitwise(tmp_path):
 
 # ------------------------------------------------------------------- settings changed on resume
 def lm_24(root: Path) -> list[str]:
-    """The tiny GPT for 24 steps, a checkpoint at every step, the lr logged at every step."""
+    """The tiny GPT with AdamW and warmup-cosine (model=gpt) for 24 steps, a checkpoint at every
+    step, the lr logged at every step."""
     return [
+        "model=gpt",
         *TINY_LM,
         f"data.path={corpus(root)}",
         "trainer.max_steps=24",
@@ -311,7 +313,13 @@ def test_another_schedule_on_resume_starts_afresh_with_one_warning(adamw_run, sc
 
 def test_a_run_resumed_in_its_own_folder_keeps_its_overrides_and_records_each_resume(tmp_path):
     run = tmp_path / "run"
-    args = [*TINY_LM, f"data.path={corpus(tmp_path)}", "test=false", f"hydra.run.dir={run}"]
+    args = [
+        "model=gpt",  # AdamW at lr 0.001
+        *TINY_LM,
+        f"data.path={corpus(tmp_path)}",
+        "test=false",
+        f"hydra.run.dir={run}",
+    ]
     run_cli("train.py", *args, "trainer.max_steps=6", cwd=tmp_path, env=ONE_THREAD)
     record = run / ".hydra"
     first = {name: (record / name).read_text() for name in ("overrides.yaml", "config.yaml")}

@@ -11,8 +11,8 @@ from torch.optim.lr_scheduler import ReduceLROnPlateau
 
 from tests.conftest import TINY_LM, run_cli, run_dirs
 
-# the tiny LM without the default schedule's own key
-LM = [a for a in TINY_LM if not a.startswith("scheduler.")]
+# the tiny GPT with AdamW and warmup-cosine (model=gpt), without the schedule's own key
+LM = ["model=gpt", *(a for a in TINY_LM if not a.startswith("scheduler."))]
 
 
 def dedup(values: list[float]) -> list[float]:

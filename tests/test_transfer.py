@@ -109,7 +109,7 @@ def test_a_char_gpt_continues_on_another_text_with_its_own_vocabulary(tmp_path):
     second.mkdir()
     run_cli("train.py", *TINY_LM, f"model.init_from={ckpt}", f"data.path={text}", cwd=second)
     (run2,) = run_dirs(second)
-    assert f"model.init_from: 10 tensors from {ckpt}" in (run2 / "train.log").read_text()
+    assert f"model.init_from: 11 tensors from {ckpt}" in (run2 / "train.log").read_text()
     a = torch.load(ckpt, weights_only=True)["TextDataModule"]["tokenizer"]
     b = torch.load(run2 / "checkpoints" / "last.ckpt", weights_only=True)["TextDataModule"][
         "tokenizer"

@@ -90,7 +90,7 @@ def test_wandb_offline_run_mlflow_tensorboard_and_no_leaked_key(tmp_path):
     # the config as flat dotted keys
     config = {i.key: json.loads(i.value_json) for c in of_kind(records, "config") for i in c.update}
     assert config["model.net.n_embd"] == 32 and config["model.net.n_layer"] == 1
-    assert config["optimizer._target_"] == "torch.optim.AdamW"
+    assert config["optimizer._target_"] == "bigmodel.muon.MuonAdamW"
     assert config["trainer.max_steps"] == 12
     assert config["service.api_key"] == "***"
     # the logged metrics: the last validation loss is the run's

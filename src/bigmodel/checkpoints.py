@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -36,6 +37,36 @@ log = logging.getLogger("bigmodel")
 
 # ------------------------------------------------------------------------------------ writing
 TMP_SUFFIX = ".tmp"
+
+
+class _WholeWrites:
+    """A file for torch.save that keeps the OSError of a failed write.
+
+    torch's zip writer swallows an error raised by a write and fails later with a RuntimeError
+    ("unexpected pos ..."), so a full disk or a file-size limit would read as a torch bug. The
+    writes here are unbuffered and retried until whole; the first OSError is kept in `error`
+    for the caller to report.
+    """
+
+    def __init__(self, raw) -> None:
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        try:
+            while done < len(view):
+                n = self.raw.write(view[done:])
+                if not n:
+                    raise OSError(errno.EIO, "a write made no progress")
+                done += n
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        return done
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -65,9 +96,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         tmp = path.with_name(f".{path.name}.{os.getpid()}{TMP_SUFFIX}")
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
+            with open(tmp, "wb", buffering=0) as f:
+                out = _WholeWrites(f)
+                try:
+                    torch.save(checkpoint, out)
+                except RuntimeError:
+                    if out.error is None:
+                        raise
+                    raise out.error from None
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             _fsync_dir(path.parent)

@@ -33,7 +33,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bigmodel.errors import UserError
 from bigmodel.nets.kv_cache import KVCache, PastKV, RollingKVCache
-from bigmodel.nets.layers import build_config, sdpa
+from bigmodel.nets.layers import RMSNorm, build_config, sdpa
 from bigmodel.nets.masks import packed_positions_and_mask, positions_and_mask
 from bigmodel.nets.rope import inv_frequencies, rotate
 from bigmodel.sampling import generate
@@ -168,7 +168,7 @@ class GPTConfig:
 
 def make_norm(cfg: GPTConfig, width: int) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(width, eps=cfg.layer_norm_epsilon)
+        return RMSNorm(width, eps=cfg.layer_norm_epsilon)
     return nn.LayerNorm(width, eps=cfg.layer_norm_epsilon, bias=cfg.bias)
 
 
@@ -182,8 +182,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.n_embd, q + 2 * kv, bias=cfg.has_bias("qkv"))
         self.split = (q, kv, kv)
         if cfg.qk_norm:  # per head, over head_dim (Qwen3)
-            self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.layer_norm_epsilon)
-            self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.layer_norm_epsilon)
+            self.q_norm = RMSNorm(self.head_dim, eps=cfg.layer_norm_epsilon)
+            self.k_norm = RMSNorm(self.head_dim, eps=cfg.layer_norm_epsilon)
         self.qk_norm = cfg.qk_norm
         self.proj = nn.Linear(q, cfg.n_embd, bias=cfg.has_bias("proj"))
         self.dropout = cfg.dropout

@@ -1,6 +1,6 @@
-"""What the nets share: the transformer layers of the ViT and the seq2seq transformer
-(multi-head attention, MLP, pre-norm block), the attention kernel call every transformer makes
-(`sdpa`, the GPT's too), and two helpers of every net's constructor.
+"""What the nets share: RMSNorm under autocast, the transformer layers of the ViT and the seq2seq
+transformer (multi-head attention, MLP, pre-norm block), the attention kernel call every
+transformer makes (`sdpa`, the GPT's too), and two helpers of every net's constructor.
 
 Each net binds its config to these layers' arguments (`bigmodel.nets.vit.Block`, ...). The names
 of the parameters are those of the checkpoints, and they are created in the order each net's
@@ -19,6 +19,20 @@ import torch.nn.functional as F
 
 C = TypeVar("C")
 _no_context = contextlib.nullcontext()
+
+
+class RMSNorm(nn.RMSNorm):
+    """torch's RMSNorm, computed in the weight's dtype when the input has another one.
+
+    Under bf16 autocast the input arrives in bf16 and the weight stays fp32: torch then falls back
+    to its unfused kernel with a warning each run. Upcasting the input runs the fused kernel in
+    fp32, as autocast does for LayerNorm, and hands back the input's dtype (the same values here).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or x.dtype == self.weight.dtype:
+            return super().forward(x)
+        return super().forward(x.to(self.weight.dtype)).to(x.dtype)
 
 
 def build_config(config_class: type[C], args: tuple, kwargs: dict[str, Any]) -> C:
