@@ -50,6 +50,26 @@ def test_a_grid_of_runs_too_short_to_validate_completes_with_its_table(tmp_path)
     assert f"2 of 2 jobs completed; the table of jobs: {sweep / 'jobs.csv'}" in proc.stdout
 
 
+def test_hydra_mode_multirun_without_dash_m_runs_the_grid(tmp_path):
+    """The mode Hydra would compose a whole config to read (bigmodel.cli skips that composition
+    unless an override or a config file names it): hydra.mode=MULTIRUN alone runs the grid."""
+    run_cli(
+        "train.py", "hydra.mode=MULTIRUN", "optimizer=adam,sgd", *TINY_LM,
+        "trainer.max_steps=2", "test=false", cwd=tmp_path,
+    )  # fmt: skip
+    assert [r["status"] for r in jobs(multirun_dir(tmp_path))] == ["completed", "completed"]
+
+
+def test_the_mode_is_read_from_config_files_that_set_it(tmp_path):
+    from bigmodel.cli import _MODE_LINE
+
+    assert _MODE_LINE.search("hydra:\n  mode: MULTIRUN\n")
+    assert _MODE_LINE.search("hydra:\n  mode: 'RUN'\n")
+    assert not _MODE_LINE.search("early_stopping:\n  mode: min\n")
+    # the project's own configs set no mode: no run composes its config twice
+    assert not any(_MODE_LINE.search(p.read_text()) for p in (ROOT / "configs").rglob("*.yaml"))
+
+
 def test_a_grid_table_holds_the_metric_of_each_job(tmp_path):
     run_cli(
         "train.py", "-m", "optimizer.lr=1e-3,3e-3", *TINY_LM, "trainer.max_steps=6",

@@ -62,6 +62,7 @@ def entry(config_name: str, raw: Sequence[str] = ()) -> Callable[[Callable], Cal
             sys.argv = [argv[0], *(quote_raw(a, raw) for a in argv[1:])]
             if {"--help", "-h", "--hydra-help"} & set(argv[1:]):
                 list_each_group_once()
+            ask_the_mode_only_if_set(config_dir)
             try:
                 return hydra_main()
             except UserError as e:  # raised before the runner took over (extras, a sweeper)
@@ -93,6 +94,33 @@ def stopped(e: KeyboardInterrupt) -> None:
     message = getattr(e, "message", "") or "interrupted before anything was saved"
     print(f"stopped by {signal.Signals(signum).name}: {message}", file=sys.stderr, flush=True)
     sys.exit(128 + signum)
+
+
+# hydra.mode as a config file sets it (`mode: MULTIRUN` under hydra:); early stopping's `mode: min`
+# and other keys named mode do not match
+_MODE_LINE = re.compile(r"^\s*mode\s*:\s*['\"]?(MULTIRUN|RUN)\b", re.M)
+
+
+def ask_the_mode_only_if_set(config_dir: Path) -> None:
+    """Skip the whole composition Hydra makes only to read `hydra.mode`, when nothing sets it.
+
+    Before each run Hydra composes the full config once to learn `hydra.mode`, then again for
+    the run: 0.3 s of every start (`python bench/startup.py`). Unless an override or a config
+    file under configs/ names the mode, the answer is None (then `-m` alone decides, as Hydra
+    does), so the first composition is asked only then.
+    """
+    from hydra._internal.hydra import Hydra
+
+    probe = getattr(Hydra.get_mode, "__wrapped__", Hydra.get_mode)
+
+    @functools.wraps(probe)
+    def get_mode(self: Hydra, config_name: str | None, overrides: list[str]) -> Any:
+        named = any(o.lstrip("+~").startswith("hydra.mode") for o in overrides)
+        if named or any(_MODE_LINE.search(p.read_text()) for p in config_dir.rglob("*.yaml")):
+            return probe(self, config_name, overrides)
+        return None
+
+    Hydra.get_mode = get_mode
 
 
 def list_each_group_once() -> None:
