@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, list[str]] = {
     "inference": ["inference.py"],
     "serving": ["serving.py"],
     "generation": ["generation.py"],
+    "generation_bf16": ["generation.py", "--dtype", "bfloat16"],
 }
 
 
@@ -99,6 +100,16 @@ def named_rows(r: dict) -> list[tuple[str, tuple[str, str, str]]]:
                 f"{d['tokens_per_s']} tokens/s",
             )
         )
+        if b := d.get("before"):
+            out.append(
+                (
+                    "the default before (model=gpt, AdamW, batch 12, 1000 steps)",
+                    "`python bench/demo.py`",
+                    f"{b['wall_s']} s; val/ppl {b['first_val_ppl']} at step "
+                    f"{b['first_val_step']} -> {b['last_val_ppl']} at step {b['last_val_step']} "
+                    f"({b['ppl_ratio']}x); {b['tokens_per_s']} tokens/s",
+                )
+            )
     flush("demo")
     if b := r.get("baby_gpt"):
         out.append(
@@ -205,20 +216,33 @@ def named_rows(r: dict) -> list[tuple[str, tuple[str, str, str]]]:
             )
         )
     flush("serving")
-    for g in (r.get("generation") or {}).get("rows", []):
-        out.append(
-            (
-                f"decoding, {g['model']} ({g['params_m']} M), batch {g['batch']}, "
-                f"{g['prompt']} + {g['new_tokens']} tokens, greedy",
-                "`python bench/generation.py`",
-                f"{g['ours_tokens_per_s']} tokens/s "
-                f"(decode {g['ours_decode_ms_per_step']} ms/step) "
-                f"vs transformers' generate {g['theirs_tokens_per_s']} "
-                f"({g['theirs_decode_ms_per_step']} ms/step) = {g['ratio']}x; "
-                f"same tokens: {g['same_tokens']}; cache {g['cache_bytes_per_token']} B/token",
+    for name in ("generation", "generation_bf16"):
+        for g in (r.get(name) or {}).get("rows", []):
+            dtype = g.get("dtype", "float32")
+            floor = ""
+            if "floor_decode_ms" in g:
+                floor = (
+                    f"; floor (the weight matmuls alone) {g['floor_decode_ms']} ms/step, "
+                    f"{g['floor_weights_gb_per_s']} GB/s of weights: ours "
+                    f"{g['ours_decode_over_floor']}x it, theirs {g['theirs_decode_over_floor']}x"
+                )
+            command = "`python bench/generation.py" + (
+                " --dtype bfloat16`" if "bf16" in name else "`"
             )
-        )
-    flush("generation")
+            out.append(
+                (
+                    f"decoding, {g['model']} ({g['params_m']} M, {dtype}), batch {g['batch']}, "
+                    f"{g['prompt']} + {g['new_tokens']} tokens, greedy",
+                    command,
+                    f"{g['ours_tokens_per_s']} tokens/s "
+                    f"(decode {g['ours_decode_ms_per_step']} ms/step) "
+                    f"vs transformers' generate {g['theirs_tokens_per_s']} "
+                    f"({g['theirs_decode_ms_per_step']} ms/step) = {g['ratio']}x; "
+                    f"same tokens: {g['same_tokens']}; cache {g['cache_bytes_per_token']} B/token"
+                    + floor,
+                )
+            )
+        flush(name)
     return done
 
 

@@ -133,3 +133,24 @@ def test_serving_benchmark_takes_a_llama(tmp_path):
     assert all(r["n"] == 4 and 0 < r["p50_ms"] <= r["p99_ms"] and r["req_s"] > 0 for r in rows)
     size = rows[0]["params_m"]
     assert 0.1 < size < 1 and f"| llama ({size} M) | torch | on | 1 |" in proc.stdout
+
+
+def test_the_generation_benchmark_reports_the_floor_of_a_decode_step(tmp_path):
+    """bench/generation.py --quick: the same greedy tokens as transformers, and the floor of a
+    decode step computed over exactly the net's Linear weights (the tied head once)."""
+    import torch
+
+    generation = bench_module("generation")
+    with torch.no_grad():
+        out = generation.measure("tiny", 1, 8, 8, repeats=1)
+    assert out["same_tokens"] is True and out["dtype"] == "float32"
+    net, _ = generation.build("tiny", tmp_path)
+    # the weight matmuls: 4 per block (qkv, proj, fc, proj) and the head, fp32
+    shapes = [tuple(m.weight.shape) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(shapes) == 4 * 2 + 1
+    nbytes = 4 * sum(a * b for a, b in shapes)
+    gb_per_s = nbytes / out["floor_decode_ms"] / 1e6
+    assert out["floor_weights_gb_per_s"] == pytest.approx(gb_per_s, rel=0.05, abs=0.1)
+    for side in ("ours", "theirs"):
+        ratio = out[f"{side}_decode_ms_per_step"] / out["floor_decode_ms"]
+        assert out[f"{side}_decode_over_floor"] == pytest.approx(ratio, rel=0.02, abs=0.01)
