@@ -152,7 +152,7 @@ def measure(name: str, batch: int, prompt: int, new: int, repeats: int, dtype=No
     out["cache_bytes_per_token"] = net.new_cache(1, 1).bytes_per_token()
     floor, nbytes = floor_ms(net, batch)
     out["dtype"] = str(net.wte.weight.dtype).removeprefix("torch.")
-    out["floor_decode_ms"] = round(floor, 2)
+    out["floor_decode_ms"] = round(floor, 3)
     out["floor_weights_gb_per_s"] = round(nbytes / floor / 1e6, 1)
     for side in ("ours", "theirs"):
         out[f"{side}_decode_over_floor"] = round(out[f"{side}_decode_ms_per_step"] / floor, 2)
