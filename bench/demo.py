@@ -32,9 +32,9 @@ BEFORE = [
 def run(overrides: list[str]) -> dict:
     work = Path(tempfile.mkdtemp(prefix="bench_demo_"))
     wall, out = timed([PY, str(ROOT / "train.py"), *overrides], {"BIGMODEL_ROOT": str(work)})
-    run = newest_run(work)
-    ppl = logged(run, "val/ppl")
-    tokens = logged(run, "train/device/items_per_sec")
+    folder = newest_run(work)
+    ppl = logged(folder, "val/ppl")
+    tokens = logged(folder, "train/device/items_per_sec")
     sample = out.rsplit("--- sample at step", 1)[-1].split("\n", 1)[-1].split("---")[0].strip()
     return {
         "wall_s": round(wall, 1),
